@@ -1,0 +1,258 @@
+"""
+NF4 4-bit quantization with double quantization (QLoRA, Dettmers et al. 2023, arXiv:2305.14314).
+
+    w (blocks of 64) -> absmax_b = max|w_b|,  code_i = nearest NF4 level to w_i / absmax_b  (4 bits)
+    absmax -> offset = mean(absmax); absmax - offset in blocks of 256 -> 8-bit dynamic codes + fp32 scale
+    storage: 4 + 8/64 + 32/(64*256) = 4.127 bits per weight
+
+Bit-exact with bitsandbytes' CPU `quantize_4bit` (same rounding, same nibble order: first element in
+the high nibble), and the files use the layout transformers + bitsandbytes write for 4-bit models.
+NF4Linear holds the packed weight in buffers; its autograd function keeps only those for backward.
+"""
+import json
+
+import torch
+import torch.nn as nn
+
+# The 16 NF4 levels: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (QLoRA appendix E).
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], dtype=torch.float32)
+# A value exactly between two levels goes to the lower one (bucketize with right=False).
+NF4_MIDPOINTS = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) / 2
+# Byte -> its two values (high nibble first): dequantizing is one gather of 8 bytes per packed byte.
+NF4_PAIRS = torch.stack([NF4_LEVELS[torch.arange(256) >> 4], NF4_LEVELS[torch.arange(256) & 15]], dim=1)
+
+
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    """The 256-value 8-bit dynamic map (Dettmers 2015): a sign, a decimal exponent 10^-6..10^0, and
+    a linear fraction whose resolution grows as the exponent does. Built exactly as bitsandbytes
+    builds it, float32 throughout, so the codes agree bit for bit."""
+    data = []
+    for i in range(7):
+        n = 2 ** i + 1 if signed else 2 ** (i + 1) + 1
+        bounds = torch.linspace(0.1, 1, n, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-6 + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))   # the signed map has 255 values; bitsandbytes pads with zeros
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+DYNAMIC_SIGNED = dynamic_map(True)
+DYNAMIC_UNSIGNED = dynamic_map(False)
+
+
+def _blockwise_absmax_scale(x: torch.Tensor, block: int):
+    """x flat fp32 -> (absmax per block, x scaled into [-1, 1]).
+
+    Full blocks multiply by 1/absmax, a partial last block divides: bitsandbytes does exactly this,
+    and the two round differently in the last bit, which can move a value across a midpoint."""
+    n = x.numel()
+    full = n - n % block
+    xb = x[:full].view(-1, block)
+    absmax = xb.abs().amax(dim=1)
+    scaled = (xb * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).view(-1)
+    if full < n:
+        am = x[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am[None]])
+        scaled = torch.cat([scaled, (x[full:] / am).clamp(-1, 1)])
+    return absmax, scaled
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block: int = 256):
+    """8-bit blockwise quantization with a sorted 256-value map: (uint8 codes, fp32 absmax per block).
+    Nearest code, ties to the lower one (as bitsandbytes' CUDA kernel and pure-PyTorch backend)."""
+    absmax, scaled = _blockwise_absmax_scale(x.reshape(-1).float(), block)
+    code = code.to(x.device)
+    q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+    return q.view(x.shape), absmax
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block: int = 256):
+    vals = code.to(q.device)[q.reshape(-1).long()]
+    return _scale_blocks(vals, absmax, block).view(q.shape)
+
+
+def _scale_blocks(vals: torch.Tensor, absmax: torch.Tensor, block: int) -> torch.Tensor:
+    n = vals.numel()
+    pad = absmax.numel() * block - n
+    if pad:
+        vals = torch.nn.functional.pad(vals, (0, pad))
+    return (vals.view(-1, block) * absmax[:, None]).view(-1)[:n]
+
+
+def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> dict:
+    """Quantize any float tensor to NF4. Returns the state as a dict of tensors:
+    packed (uint8, ceil(n/2)), absmax (fp32, or uint8 codes if double_quant) and, with
+    double_quant, nested_absmax (fp32 per 256 absmax values) and offset (fp32 scalar)."""
+    if block_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise ValueError(f"block_size {block_size}: must be a power of two in 32..4096")
+    if not w.is_floating_point():
+        raise ValueError(f"quantize_nf4 needs a float tensor, got {w.dtype}")
+    absmax, scaled = _blockwise_absmax_scale(w.reshape(-1).float(), block_size)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))   # the odd tail becomes code 7 (0.0)
+    q = torch.bucketize(scaled, NF4_MIDPOINTS.to(w.device)).to(torch.uint8)
+    state = dict(packed=(q[0::2] << 4) | q[1::2], absmax=absmax,
+                 shape=tuple(w.shape), dtype=w.dtype, block_size=block_size)
+    if double_quant:
+        # The absmax values are all positive and similar; subtracting their mean centres them so
+        # the signed 8-bit map spends its resolution where they are.
+        offset = absmax.mean()
+        state["absmax"], state["nested_absmax"] = quantize_blockwise(absmax - offset, DYNAMIC_SIGNED, 256)
+        state["offset"] = offset
+    return state
+
+
+def nf4_absmax(state: dict) -> torch.Tensor:
+    if "nested_absmax" not in state:
+        return state["absmax"]
+    return dequantize_blockwise(state["absmax"], state["nested_absmax"], DYNAMIC_SIGNED, 256) + state["offset"]
+
+
+def dequantize_nf4(state: dict, dtype=None) -> torch.Tensor:
+    """Inverse of quantize_nf4: level * absmax in fp32 (as bitsandbytes), then cast to dtype."""
+    n = 1
+    for s in state["shape"]:
+        n *= s
+    vals = NF4_PAIRS.to(state["packed"].device)[state["packed"].long()].view(-1)[:n]
+    w = _scale_blocks(vals, nf4_absmax(state), state["block_size"])
+    return w.view(state["shape"]).to(dtype or state["dtype"])
+
+
+# ----------------------------------------------------------------------------------------------
+# NF4Linear
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x W^T with W rebuilt from 4 bits in forward and again in backward.
+
+    Saving the dequantized W for backward would keep a 16-bit copy of every layer alive until the
+    backward pass, which is the memory QLoRA exists to save; the frozen W needs no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer   # the module holds only packed buffers; nothing of W's size is saved
+        return x @ layer.dequantize().T
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return grad_y @ ctx.layer.dequantize(), None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in NF4 (buffers only, nothing to train)."""
+
+    def __init__(self, state: dict, bias: torch.Tensor | None = None, compute_dtype=torch.float32):
+        super().__init__()
+        self.out_features, self.in_features = state["shape"]
+        self.block_size = state["block_size"]
+        self.compute_dtype = compute_dtype
+        self.orig_dtype = state["dtype"]
+        self.register_buffer("packed", state["packed"])
+        self.register_buffer("absmax", state["absmax"])
+        self.double_quant = "nested_absmax" in state
+        if self.double_quant:
+            self.register_buffer("nested_absmax", state["nested_absmax"])
+            self.register_buffer("offset", state["offset"].reshape(()))
+        self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+
+    @classmethod
+    def from_weight(cls, weight, bias=None, compute_dtype=None, block_size=64, double_quant=True):
+        return cls(quantize_nf4(weight.detach(), block_size, double_quant), bias,
+                   compute_dtype or weight.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kw):
+        return cls.from_weight(linear.weight, linear.bias, **kw)
+
+    def state(self) -> dict:
+        s = dict(packed=self.packed, absmax=self.absmax, shape=(self.out_features, self.in_features),
+                 dtype=self.orig_dtype, block_size=self.block_size)
+        if self.double_quant:
+            s.update(nested_absmax=self.nested_absmax, offset=self.offset)
+        return s
+
+    @property
+    def weight(self):
+        """The dequantized weight (a fresh tensor each call), for code that reads `.weight`."""
+        return self.dequantize()
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_nf4(self.state(), self.compute_dtype)
+
+    def forward(self, x):
+        y = _NF4Matmul.apply(x.to(self.compute_dtype), self)
+        return y + self.bias if self.bias is not None else y
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self):
+        n = self.in_features * self.out_features
+        return (f"in={self.in_features}, out={self.out_features}, block={self.block_size}, "
+                f"double_quant={self.double_quant}, {self.nbytes()} bytes ({8 * self.nbytes() / n:.3f} bits/param)")
+
+
+def quantization_error(model: nn.Module) -> dict:
+    """Per NF4 layer: mean |W - deq(W)| is not available without the original, so this takes a model
+    whose linears are still 16-bit and reports what NF4 would cost each: mean absolute and relative."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.startswith("model.layers."):
+            w = mod.weight.detach().float()
+            err = (dequantize_nf4(quantize_nf4(w), torch.float32) - w).abs()
+            out[name] = dict(mean_abs=err.mean().item(), rel=(err.norm() / w.norm()).item())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The bitsandbytes / transformers file layout of one 4-bit linear
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def to_bnb_tensors(layer: NF4Linear, prefix: str) -> dict:
+    """`prefix.weight` and its quant-state tensors, as transformers + bitsandbytes save them."""
+    meta = dict(quant_type="nf4", blocksize=layer.block_size, dtype=_DTYPE_NAMES[layer.orig_dtype],
+                shape=[layer.out_features, layer.in_features])
+    t = {f"{prefix}.weight": layer.packed.reshape(-1, 1), f"{prefix}.weight.absmax": layer.absmax,
+         f"{prefix}.weight.quant_map": NF4_LEVELS.clone()}
+    if layer.double_quant:
+        meta.update(nested_blocksize=256, nested_dtype="float32", nested_offset=layer.offset.item())
+        t[f"{prefix}.weight.nested_absmax"] = layer.nested_absmax
+        t[f"{prefix}.weight.nested_quant_map"] = DYNAMIC_SIGNED.clone()
+    t[f"{prefix}.weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    if layer.bias is not None:
+        t[f"{prefix}.bias"] = layer.bias
+    return {k: v.detach().contiguous().cpu() for k, v in t.items()}
+
+
+def from_bnb_tensors(t: dict, prefix: str, compute_dtype, where: str = "") -> NF4Linear:
+    key = f"{prefix}.weight.quant_state.bitsandbytes__nf4"
+    if key not in t:
+        raise ValueError(f"{where}: {prefix}.weight has no NF4 quant state ({key}); only nf4 4-bit files are supported")
+    meta = json.loads(bytes(t[key].tolist()).decode())
+    if not torch.equal(t[f"{prefix}.weight.quant_map"].float(), NF4_LEVELS):
+        raise ValueError(f"{where}: {prefix}.weight.quant_map is not the NF4 map")
+    state = dict(packed=t[f"{prefix}.weight"].reshape(-1).view(torch.uint8), absmax=t[f"{prefix}.weight.absmax"],
+                 shape=tuple(meta["shape"]), dtype=getattr(torch, meta["dtype"]), block_size=meta["blocksize"])
+    if "nested_offset" in meta:
+        if meta.get("nested_blocksize", 256) != 256:
+            raise ValueError(f"{where}: {prefix}: nested block size {meta['nested_blocksize']} (only 256)")
+        state.update(nested_absmax=t[f"{prefix}.weight.nested_absmax"],
+                     offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32))
+    return NF4Linear(state, t.get(f"{prefix}.bias"), compute_dtype)
+
+
+def bnb_quantization_config(compute_dtype) -> dict:
+    """The `quantization_config` that transformers writes into config.json for a 4-bit NF4 model."""
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": _DTYPE_NAMES[compute_dtype], "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+            "llm_int8_enable_fp32_cpu_offload": False}
