@@ -624,6 +624,7 @@ def save_hf_folder(out: Path, args: ModelArgs, tensors, shard_bytes: int = 2 << 
     """Write config.json and (sharded) safetensors from an iterator of (name, tensor), a shard at a time."""
     from safetensors.torch import save_file
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     shard, size, shards, weight_map = {}, 0, [], {}
 
     def flush():

@@ -1,0 +1,217 @@
+"""model.py against transformers: same logits from the same files; loading errors; memory while loading."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import VARIANTS, make_hf_checkpoint, needs_default
+from model import KVCache, ModelArgs, load_model, save_hf_folder, model_tensors
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_equal_transformers(tmp_path, variant):
+    hf = make_hf_checkpoint(tmp_path / "m", variant, shard="100KB" if "sharded" in variant else None)
+    ours = load_model(tmp_path / "m", dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_classic_config_keys(tmp_path):
+    """rope_theta / rope_scaling at the top level (configs written before transformers 4.56)."""
+    hf = make_hf_checkpoint(tmp_path / "m", "llama3_scaling")
+    cfg = json.loads((tmp_path / "m/config.json").read_text())
+    rp = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    cfg["rope_scaling"] = rp
+    (tmp_path / "m/config.json").write_text(json.dumps(cfg))
+    args = ModelArgs.from_hf_config(cfg)
+    assert args.rope_theta == 500000.0 and args.rope_scaling["rope_type"] == "llama3"
+    ids = torch.randint(0, 256, (1, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "m", torch.float32, device="cpu")(ids), hf(ids).logits,
+                                   atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_unpadded(tiny_ckpt, side):
+    path, hf = tiny_ckpt
+    ours = load_model(path, torch.float32, device="cpu")
+    a, b = torch.randint(0, 256, (1, 30)), torch.randint(0, 256, (1, 18))
+    pad = torch.zeros(1, 12, dtype=torch.long)
+    bb = torch.cat([pad, b], 1) if side == "left" else torch.cat([b, pad], 1)
+    seg = torch.ones(2, 30, dtype=torch.long)
+    if side == "left":
+        seg[1, :12] = 0
+    else:
+        seg[1, 18:] = 0
+    with torch.no_grad():
+        out = ours(torch.cat([a, bb]), seg)
+        real = out[1, 12:] if side == "left" else out[1, :18]
+        torch.testing.assert_close(out[0], hf(a).logits[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(real, hf(b).logits[0], atol=1e-4, rtol=0)
+
+
+def test_packed_segments_equal_separate_sequences(tiny_ckpt):
+    path, _ = tiny_ckpt
+    m = load_model(path, torch.float32, device="cpu")
+    a, b = torch.randint(0, 256, (1, 10)), torch.randint(0, 256, (1, 7))
+    seg = torch.tensor([[1] * 10 + [2] * 7 + [0] * 3])
+    with torch.no_grad():
+        out = m(torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long)], 1), seg)
+        torch.testing.assert_close(out[0, :10], m(a)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[0, 10:17], m(b)[0], atol=1e-5, rtol=0)
+
+
+def test_kv_cache_equals_full_forward(tiny_ckpt):
+    path, _ = tiny_ckpt
+    m = load_model(path, torch.float32, device="cpu")
+    ids = torch.randint(0, 256, (1, 12))
+    cache = KVCache(m.args.n_layers)
+    with torch.no_grad():
+        full = m(ids)
+        step = [m(ids[:, :5], cache=cache)[:, -1]] + [m(ids[:, t:t + 1], cache=cache)[:, -1] for t in range(5, 12)]
+    torch.testing.assert_close(torch.stack(step, 1), full[:, 4:], atol=1e-5, rtol=0)
+
+
+def test_save_hf_folder_round_trip(tmp_path, tiny_ckpt):
+    path, hf = tiny_ckpt
+    m = load_model(path, torch.float32, device="cpu")
+    save_hf_folder(tmp_path / "out", m.args, model_tensors(m), shard_bytes=50_000)
+    assert (tmp_path / "out/model.safetensors.index.json").is_file()
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "out", torch.float32, device="cpu")(ids), hf(ids).logits,
+                                   atol=1e-4, rtol=0)
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_model(tmp_path / "nope")
+
+
+def test_unknown_model_type(tiny_ckpt):
+    path, _ = tiny_ckpt
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
+    with pytest.raises(ValueError, match=r"config.json: model_type 'gpt2'"):
+        load_model(path)
+
+
+def test_truncated_safetensors(tiny_ckpt):
+    path, _ = tiny_ckpt
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match="model.safetensors: truncated"):
+        load_model(path)
+
+
+def _rewrite(path, fn):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(path / "model.safetensors")
+    fn(sd)
+    save_file(sd, path / "model.safetensors")
+
+
+def test_missing_tensor(tiny_ckpt):
+    path, _ = tiny_ckpt
+    _rewrite(path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match="missing tensor.*layers.1.mlp.up_proj"):
+        load_model(path)
+
+
+def test_unexpected_tensor(tiny_ckpt):
+    path, _ = tiny_ckpt
+    _rewrite(path, lambda sd: sd.__setitem__("model.layers.0.self_attn.extra.weight", torch.zeros(2)))
+    with pytest.raises(ValueError, match="model.safetensors: unexpected tensor 'model.layers.0.self_attn.extra"):
+        load_model(path)
+
+
+def test_wrong_shape(tiny_ckpt):
+    path, _ = tiny_ckpt
+    _rewrite(path, lambda sd: sd.__setitem__("model.norm.weight", torch.zeros(65)))
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(65,\)"):
+        load_model(path)
+
+
+def test_gguf_unsupported_architecture(tmp_path):
+    import gguf
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "gpt2")
+    w.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(ValueError, match=r"x.gguf: GGUF architecture 'gpt2' is not supported"):
+        load_model(tmp_path / "x.gguf")
+
+
+def test_sequence_too_long(tiny_ckpt):
+    m = load_model(tiny_ckpt[0], torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="longer than the model's limit of 256"):
+        m(torch.zeros(1, 257, dtype=torch.long))
+
+
+# -- the default model ------------------------------------------------------------------------------
+
+@needs_default
+def test_default_gguf_equals_transformers_gguf_load():
+    """Our GGUF path (dequantize, un-permute q/k) against transformers' own GGUF loader, same file."""
+    import transformers
+    from model import default_gguf
+    from data import load_tokenizer
+    g = default_gguf()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
+    ours = load_model(g, torch.float32, device="cpu")
+    tok = load_tokenizer("default")
+    ids = torch.tensor([tok.encode("<|im_start|>user\nWrite a story about a cat who learns to sail.<|im_end|>\n"
+                                   "<|im_start|>assistant\n")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-3, rtol=0)
+        x, y = ids, ids
+        for _ in range(32):
+            x = torch.cat([x, ours(x)[:, -1:].argmax(-1)], 1)
+        y = hf.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    assert y.shape[1] == ids.shape[1] + 32 and x.tolist() == y.tolist()
+
+
+@needs_default
+def test_default_tokenizer_equals_transformers():
+    import transformers
+    from model import default_gguf
+    from data import load_tokenizer
+    g = default_gguf()
+    hf = transformers.AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
+    ours, folder = load_tokenizer(g), load_tokenizer("default")
+    texts = ["Hello world", "  runs   of spaces\n\n\nand newlines\t\ttabs", "digits 1234567 3.14159 2026-11-29",
+             "unicode: héllo wörld — 日本語 🙂 ñ", "def f(x):\n    return x**2  # code\n",
+             "<|im_start|>user\nHi<|im_end|>\n", "mixed<|endoftext|>special", "", "éèê àù ç œ ß"]
+    for t in texts:
+        want = hf.encode(t, add_special_tokens=False)
+        assert ours.encode(t) == want, t
+        assert folder.encode(t) == want, t
+        assert ours.decode(want) == hf.decode(want)
+
+
+def load_peak_growth(dtype: str, quantize) -> tuple[int, int]:
+    """Load the default model in a fresh process: (peak RSS minus RSS before loading, bf16 model bytes).
+    VmHWM, not ru_maxrss: ru_maxrss survives exec and would count the forking pytest process."""
+    code = ("import torch, sys; sys.path.insert(0, %r); from model import load_model, default_model_dir;"
+            "p = default_model_dir();"
+            "hwm = lambda k: int(next(l for l in open('/proc/self/status') if l.startswith(k)).split()[1]) * 1024;"
+            "r0 = hwm('VmRSS:'); m = load_model(p, torch.%s, quantize=%r, device='cpu'); peak = hwm('VmHWM:');"
+            "n = sum(p.numel() for p in m.parameters()) * 2; print(peak - r0, n)") % (str(ROOT), dtype, quantize)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return tuple(map(int, out.split()))
+
+
+@needs_default
+def test_bf16_load_peak_memory_under_two_copies():
+    """Streaming load: peak RSS growth while loading stays under 2x the model's bf16 size."""
+    grow, size = load_peak_growth("bfloat16", None)
+    print(f"bf16 load: peak RSS growth {grow / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model")
+    assert grow < 2 * size
