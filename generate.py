@@ -1,0 +1,87 @@
+"""
+Generate text with the KV cache: a base model, a base + LoRA adapter, or a merged folder.
+
+    python generate.py --prompt "What is the capital of France?"           # default model, chat format
+    python generate.py --model runs/merged --prompt "Tell me a joke." --temperature 0.7 --top-p 0.9
+    python generate.py --adapter runs/qlora --qlora --prompt "..."         # NF4 base + adapter, as trained
+    python generate.py --no-chat --prompt "Once upon a time"               # raw continuation
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+from data import load_tokenizer, prompt_format, render
+from model import KVCache, load_model
+
+
+@torch.no_grad()
+def generate(model, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             eos_id: int | None = None, seed: int = 0):
+    """Yield new token ids one at a time. temperature 0 = greedy."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(model.args.n_layers)
+    x = torch.tensor([ids], device=device)
+    for _ in range(max_new_tokens):
+        logits = model(x, cache=cache)[0, -1].float()
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            sorted_p, order = probs.sort(descending=True)
+            # Keep the smallest set of tokens whose mass reaches top_p (always at least one).
+            keep = sorted_p.cumsum(0) - sorted_p < top_p
+            sorted_p = torch.where(keep, sorted_p, 0)
+            nxt = int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=g)])
+        if nxt == eos_id:
+            return
+        yield nxt
+        if len(cache) + 1 > model.args.max_seq_len:
+            return
+        x = torch.tensor([[nxt]], device=device)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", help="a run directory (or folder) with adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--qlora", action="store_true", help="load the base in NF4 (as QLoRA trained it)")
+    p.add_argument("--prompt", required=True, help="the user message (or raw text with --no-chat)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the model's prompt format (default on)")
+    p.add_argument("--prompt-format", choices=["chatml", "llama3", "llama2", "alpaca"],
+                   help="override the format detected from the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass when temperature > 0")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
+    a = p.parse_args(argv)
+
+    tok = load_tokenizer(a.model)
+    model = load_model(a.model, getattr(torch, a.dtype) if a.dtype else None, "nf4" if a.qlora else None, a.device)
+    if a.adapter:
+        from lora import load_adapter
+        load_adapter(model, a.adapter)
+    if a.chat:
+        fmt = prompt_format(tok, a.prompt_format)
+        text = "".join(t for t, _ in render([dict(role="user", content=a.prompt)], fmt, tok, generation=True))
+    else:
+        text = a.prompt
+    ids = ([tok.bos_id] if not a.chat and tok.bos_id is not None else []) + tok.encode(text)
+    t0, out = time.time(), []
+    for t in generate(model, ids, a.max_new_tokens, a.temperature, a.top_p, tok.eos_id, a.seed):
+        # Decode the whole answer each time: a token may be half of a multi-byte character.
+        new = tok.decode(out + [t])
+        sys.stdout.write(new[len(tok.decode(out)):])
+        sys.stdout.flush()
+        out.append(t)
+    dt = time.time() - t0
+    print(f"\n[{len(out)} tokens, {len(out) / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
