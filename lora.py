@@ -1,0 +1,234 @@
+"""
+LoRA (Hu et al. 2021, arXiv:2106.09685) over any frozen linear: nn.Linear (LoRA) or NF4Linear (QLoRA).
+
+    y = base(x) + s * B(A(dropout(x)))      A: (r, in), Kaiming-uniform;  B: (out, r), zeros
+    s = alpha / r   (rsLoRA: alpha / sqrt(r), Kalajdzievski 2023)
+
+B = 0 makes the wrapped model start exactly where the base is. We never form B @ A in forward: two
+thin matmuls cost r * (in + out) per token instead of in * out. Adapters are saved and loaded in
+peft's file format, so they travel to peft and vLLM and back.
+
+    from lora import apply_lora, merge_lora, save_adapter, load_adapter
+    info = apply_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)
+    save_adapter(model, "runs/x")        # adapter_config.json + adapter_model.safetensors
+"""
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from nf4 import NF4Linear
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {r}")
+        self.base, self.r, self.alpha, self.use_rslora = base, r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base.packed.device if isinstance(base, NF4Linear) else base.weight.device
+        # The adapters are fp32 master weights whatever the base's dtype: they are tiny (r * (in + out)),
+        # and bf16 updates of lr * grad ~ 1e-6 would round to nothing. The matmuls run in the input's dtype.
+        # Named lora_A / lora_B as in peft, so the file keys map one to one.
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=torch.float32)
+        # Kaiming-uniform with a = sqrt(5) is nn.Linear's own default init (and peft's): A starts as a
+        # random projection of the input, B at zero, so only B moves the output at first.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        return y + (self.dropout(x) @ a.T @ b.T) * self.scaling
+
+    def delta(self) -> torch.Tensor:
+        """The dense update s * B @ A (out, in), in fp32; only merging needs it."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def merge(self, on_nf4: str | None = None):
+        """W <- W + s B A, in place. Idempotent; unmerge() reverses it.
+
+        On an NF4 base the sum cannot be stored in 4 bits without requantizing, which can erase a
+        small update. So we refuse unless asked: on_nf4="dequantize" keeps the merged weight in the
+        compute dtype (reproduces exactly what was trained), "requantize" rounds it back to NF4."""
+        if self.merged:
+            return
+        if isinstance(self.base, NF4Linear):
+            if on_nf4 not in ("dequantize", "requantize"):
+                raise ValueError("refusing to merge a LoRA adapter into an NF4 (4-bit) base: reload the base in "
+                                 "16-bit and merge there (python merge.py --model BASE --adapter RUN --out DIR), or "
+                                 "pass on_nf4='dequantize' / 'requantize' to merge into the dequantized weights")
+            q = self.base
+            w = q.dequantize().float() + self.delta()
+            if on_nf4 == "requantize":
+                self.base = NF4Linear.from_weight(w, q.bias, q.compute_dtype, q.block_size, q.double_quant)
+            else:
+                lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device,
+                                dtype=q.compute_dtype)
+                lin.weight = nn.Parameter(w.to(q.compute_dtype), requires_grad=False)
+                if q.bias is not None:
+                    lin.bias = q.bias
+                self.base = lin
+        else:
+            with torch.no_grad():
+                self.base.weight.add_(self.delta().to(self.base.weight.dtype))
+        self.merged = True
+
+    def unmerge(self):
+        if not self.merged:
+            return
+        if not isinstance(self.base, nn.Linear) or isinstance(self.base, NF4Linear):
+            raise ValueError("cannot unmerge from a requantized NF4 weight; reload the base")
+        with torch.no_grad():
+            self.base.weight.sub_(self.delta().to(self.base.weight.dtype))
+        self.merged = False
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) and "lora_" not in n]
+
+
+def _matches(name: str, targets) -> bool:
+    # peft's rule: a list matches a module whose name ends with ".target"; a string is a full regex.
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def apply_lora(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+               use_rslora: bool = False) -> dict:
+    """Wrap every linear whose name matches `targets` in a LoRALinear; freeze all but lora_ tensors."""
+    names = [n for n in linear_names(model) if _matches(n, targets) and not n.startswith("lm_head")]
+    if not names:
+        raise ValueError(f"LoRA targets {targets!r} match no linear layer; this model has: "
+                         f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in linear_names(model)}))}")
+    for n in names:
+        parent, _, attr = n.rpartition(".")
+        mod = model.get_submodule(parent)
+        setattr(mod, attr, LoRALinear(getattr(mod, attr), r, alpha, dropout, use_rslora))
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets) if not isinstance(targets, str)
+                             else targets, use_rslora=use_rslora)
+    return dict(wrapped=names, trainable=trainable, total=total)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module, on_nf4: str | None = None, unwrap: bool = False) -> nn.Module:
+    """Merge every adapter into its base weight. unwrap=True also replaces each LoRALinear by its
+    merged base, leaving a plain model that saves with HF names."""
+    for name, m in lora_layers(model).items():
+        m.merge(on_nf4)
+        if unwrap:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, m.base)
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    for m in lora_layers(model).values():
+        m.unmerge()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# peft's file format
+
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_config(model: nn.Module, base_name: str = "") -> dict:
+    c = model.lora_config
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c["r"], "lora_alpha": c["alpha"],
+            "lora_dropout": c["dropout"], "target_modules": c["targets"], "bias": "none",
+            "base_model_name_or_path": base_name, "use_rslora": c["use_rslora"], "fan_in_fan_out": False,
+            "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_dora": False,
+            "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def save_adapter(model: nn.Module, out, base_name: str = ""):
+    """adapter_config.json + adapter_model.safetensors, each written to a temporary name then renamed."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, m in lora_layers(model).items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().cpu()
+    save_file(tensors, str(out / "adapter_model.safetensors.tmp"), metadata={"format": "pt"})
+    (out / "adapter_config.json.tmp").write_text(json.dumps(adapter_config(model, base_name), indent=2))
+    os.replace(out / "adapter_model.safetensors.tmp", out / "adapter_model.safetensors")
+    os.replace(out / "adapter_config.json.tmp", out / "adapter_config.json")
+
+
+def read_adapter(path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+    path = Path(path)
+    cfg_file, st_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    for f in (cfg_file, st_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing (an adapter folder holds adapter_config.json and "
+                                    "adapter_model.safetensors)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_file}: peft_type {cfg['peft_type']!r} is not LORA")
+    if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("fan_in_fan_out"):
+        raise ValueError(f"{cfg_file}: DoRA, per-layer rank/alpha patterns and fan_in_fan_out are not supported")
+    tensors = {k.replace(".default", ""): v for k, v in load_file(str(st_file)).items()}
+    return cfg, tensors
+
+
+def load_adapter(model: nn.Module, path) -> dict:
+    """Apply (if needed) and fill LoRA layers from a peft adapter folder; check it fits the model."""
+    cfg, tensors = read_adapter(path)
+    where = str(Path(path) / "adapter_model.safetensors")
+    if not lora_layers(model):
+        apply_lora(model, cfg["target_modules"], cfg["r"], cfg["lora_alpha"], 0.0, cfg.get("use_rslora", False))
+    layers = lora_layers(model)
+    expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if unexpected:
+        raise ValueError(f"{where}: adapter tensors for layers this model does not have, e.g. {unexpected[:3]}")
+    if missing:
+        raise ValueError(f"{where}: no adapter tensors for {len(missing)} target layer(s), e.g. {missing[:2]}")
+    for n, m in layers.items():
+        a, b = tensors[f"{PEFT_PREFIX}{n}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"]
+        if a.shape[0] != cfg["r"] or b.shape[1] != cfg["r"]:
+            raise ValueError(f"{where}: {n} has rank {a.shape[0]} in the file but r={cfg['r']} in adapter_config.json")
+        if tuple(a.shape) != tuple(m.lora_A.weight.shape) or tuple(b.shape) != tuple(m.lora_B.weight.shape):
+            raise ValueError(f"{where}: {n}: adapter shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit the "
+                             f"model's A{tuple(m.lora_A.weight.shape)} B{tuple(m.lora_B.weight.shape)} "
+                             "(an adapter for another base model?)")
+        with torch.no_grad():
+            m.lora_A.weight.copy_(a)
+            m.lora_B.weight.copy_(b)
+    return cfg
