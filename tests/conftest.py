@@ -53,3 +53,49 @@ def default_model_available() -> bool:
 
 
 needs_default = pytest.mark.skipif(not default_model_available(), reason="PURE_QLORA_SKIP_DEFAULT=1")
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def write_tiny_tokenizer(path: Path):
+    """A byte-level tokenizer with 256 byte tokens and ChatML's two special tokens (ids 256, 257)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tk = Tokenizer(models.BPE(vocab, []))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    tk.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(bos_token=None, eos_token="<|im_end|>",
+                                                                chat_template=CHATML)))
+
+
+def write_jsonl(path: Path, n: int, seed: int = 0):
+    """Small alpaca- and chat-style examples with a learnable pattern (the answer repeats the question)."""
+    import random
+    rng = random.Random(seed)
+    words = ["red", "blue", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "star"]
+    with open(path, "w") as f:
+        for i in range(n):
+            q = " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
+            if i % 2:
+                f.write(json.dumps({"instruction": f"Repeat: {q}", "output": q}) + "\n")
+            else:
+                f.write(json.dumps({"messages": [{"role": "user", "content": f"Repeat: {q}"},
+                                                 {"role": "assistant", "content": q}]}) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A tiny checkpoint with a tokenizer, and a JSONL dataset: everything train.py needs."""
+    model = tmp_path / "tiny"
+    import transformers
+    torch.manual_seed(0)   # vocabulary 320: room for the 256 bytes and the two special tokens
+    c = transformers.LlamaConfig(**dict(TINY, vocab_size=320, tie_word_embeddings=True))
+    transformers.LlamaForCausalLM(c).save_pretrained(model)
+    write_tiny_tokenizer(model)
+    return model, write_jsonl(tmp_path / "data.jsonl", 48)
