@@ -58,8 +58,8 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-        return y + (self.dropout(x) @ a.T @ b.T) * self.scaling
+        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        return y + _LoRAPath.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
 
     def delta(self) -> torch.Tensor:
         """The dense update s * B @ A (out, in), in fp32; only merging needs it."""
@@ -90,8 +90,9 @@ class LoRALinear(nn.Module):
                     lin.bias = q.bias
                 self.base = lin
         else:
-            with torch.no_grad():
-                self.base.weight.add_(self.delta().to(self.base.weight.dtype))
+            with torch.no_grad():   # add in fp32, round once to the weight's dtype
+                w = self.base.weight
+                w.copy_((w.float() + self.delta()).to(w.dtype))
         self.merged = True
 
     def unmerge(self):
@@ -105,6 +106,36 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class _LoRAPath(torch.autograd.Function):
+    """s * (dropout(x) A^T) B^T, saving for backward the input x (which the graph keeps anyway) and
+    a 1-byte dropout mask, instead of a dropped-out fp32 copy of x for every adapted layer."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, scaling, p):
+        a, b = A.to(x.dtype), B.to(x.dtype)
+        mask = (torch.rand_like(x) >= p) if p > 0 else None
+        xd = x * mask / (1 - p) if p > 0 else x
+        xa = xd @ a.T                                                    # (..., r)
+        ctx.save_for_backward(x, mask, xa, A, B)
+        ctx.scaling, ctx.p = scaling, p
+        return (xa @ b.T) * scaling
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mask, xa, A, B = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        a, b = A.to(g.dtype), B.to(g.dtype)
+        gz = g * s
+        g_xa = gz @ b                                                    # (..., r)
+        xd = x * mask / (1 - p) if p > 0 else x                          # recomputed, not stored
+        gB = gz.reshape(-1, gz.shape[-1]).T @ xa.reshape(-1, xa.shape[-1])
+        gA = g_xa.reshape(-1, g_xa.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])
+        gx = g_xa @ a
+        if p > 0:
+            gx = gx * mask / (1 - p)
+        return gx, gA.to(A.dtype), gB.to(B.dtype), None, None
 
 
 def linear_names(model: nn.Module) -> list[str]:

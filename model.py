@@ -174,7 +174,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=b)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, spans=None, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)   # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)      # (B, nkv, T, hd)
@@ -182,9 +182,25 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        # GQA: each group of n_heads/n_kv query heads shares one key/value head.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        gqa = self.n_kv != self.n_heads   # each group of n_heads/n_kv query heads shares one k/v head
+        if spans is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            # One causal attention per segment, on its own slice: no (T, T) mask is ever built, the
+            # fused kernels apply, and padding costs nothing. Padding positions get zeros.
+            rows = []
+            for b, row in enumerate(spans):
+                pieces, at = [], 0
+                for s, e in row:
+                    if s > at:
+                        pieces.append(q.new_zeros(1, self.n_heads, s - at, self.hd))
+                    pieces.append(F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
+                                                                 v[b:b + 1, :, s:e], is_causal=True, enable_gqa=gqa))
+                    at = e
+                if at < T:
+                    pieces.append(q.new_zeros(1, self.n_heads, T - at, self.hd))
+                rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+            y = torch.cat(rows) if B > 1 else rows[0]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -196,7 +212,24 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # SwiGLU
+        return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, keeping only gate and up for backward (autograd would also keep silu(gate):
+    one more (tokens, intermediate_size) tensor per layer, the widest activation of the model)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        return g * up * (sig + silu * (1 - sig)), g * silu
 
 
 class Block(nn.Module):
@@ -207,8 +240,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, spans=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, spans, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -245,37 +278,39 @@ class Llama(nn.Module):
             raise ValueError(f"sequence of {T + len(cache or ())} tokens is longer than the model's "
                              f"limit of {self.args.max_seq_len}")
         x = self.model.embed_tokens(input_ids)
-        mask, positions = None, None
+        spans, positions = None, None
         if segment_ids is not None:
-            mask, positions = segment_mask(segment_ids)
-        if positions is None:
+            if cache is not None and len(cache):
+                raise ValueError("segment_ids with a filled cache are not supported; decode one row at a time")
+            spans, positions = segment_spans(segment_ids)
+        else:
             start = len(cache) if cache is not None else 0
             positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-        if cache is not None and mask is not None and len(cache):
-            raise ValueError("segment_ids with a filled cache are not supported; decode one row at a time")
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.model.layers:
             if self.grad_checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, spans, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, spans, cache)
         return self.model.norm(x)
 
     def forward(self, input_ids, segment_ids=None, cache=None):
         return self.lm_head(self.hidden(input_ids, segment_ids, cache))
 
 
-def segment_mask(segment_ids):
-    """Boolean attention mask (B, 1, T, T) and positions (B, T) from segment ids (0 = padding)."""
-    seg = segment_ids
-    T = seg.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
-    mask = (seg[:, :, None] == seg[:, None, :]) & causal & (seg[:, None, :] != 0)
-    # A padding row attends to itself only, so softmax never sees an all-masked row (NaN).
-    mask |= torch.eye(T, dtype=torch.bool, device=seg.device)
-    # Position = index within the segment: count earlier tokens of the same segment.
-    positions = ((seg[:, :, None] == seg[:, None, :]) & causal).sum(-1) - 1
-    return mask[:, None], positions
+def segment_spans(segment_ids):
+    """Per row, the (start, end) of each run of equal non-zero ids, and positions restarting at 0 in each."""
+    spans, positions = [], torch.zeros(segment_ids.shape, dtype=torch.long)
+    for b, row in enumerate(segment_ids.tolist()):
+        runs, s = [], 0
+        for t in range(1, len(row) + 1):
+            if t == len(row) or row[t] != row[s]:
+                if row[s] != 0:
+                    runs.append((s, t))
+                    positions[b, s:t] = torch.arange(t - s)
+                s = t
+        spans.append(runs)
+    return spans, positions.to(segment_ids.device)
 
 
 # ----------------------------------------------------------------------------------------------

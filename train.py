@@ -109,6 +109,20 @@ def pick_device_dtype(cfg):
     return device, torch.bfloat16 if speed(torch.bfloat16) < speed(torch.float32) else torch.float32
 
 
+def limit_heap_retention():
+    """On CPU, send every allocation over 1 MB to its own mapping, returned to the OS when freed.
+
+    glibc raises its mmap threshold as large blocks are freed, after which activations come from
+    the heap and their freed pages stay in the process, fragmented between live ones: peak RSS of
+    the default QLoRA run was 3.5 GB with ~1.5 GB of live tensors. A fixed threshold (mallopt
+    M_MMAP_THRESHOLD) gives 2.2 GB for ~15% of speed (page faults on fresh mappings)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)   # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass   # not glibc
+
+
 def peak_memory(device) -> int:
     """Peak bytes: CUDA max allocated, or the process's peak RSS (VmHWM) on CPU."""
     if device.type == "cuda":
@@ -190,8 +204,37 @@ def loss_sum(model, ids, tgt, seg):
     49k vocabulary the prompt tokens' logits would cost as much as the rest of the model."""
     h = model.hidden(ids, seg)
     keep = tgt != IGNORE
-    logits = model.lm_head(h[keep]).float()
-    return F.cross_entropy(logits, tgt[keep], reduction="sum")
+    return LMHeadLoss.apply(h[keep], model.lm_head.weight, tgt[keep])
+
+
+class LMHeadLoss(torch.autograd.Function):
+    """sum_i CE(h_i W^T, y_i) over chunks of tokens, with dL/dh computed in the forward pass.
+
+    Keeping the (tokens, vocab) logits and their softmax for backward would be the largest
+    activation of a small model (49k vocabulary); this keeps one chunk's at a time instead, and
+    only dL/dh (tokens, dim) until backward. The lm_head weight is frozen, so it needs no gradient."""
+    CHUNK = 256
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        for i in range(0, h.shape[0], LMHeadLoss.CHUNK):
+            t = targets[i:i + LMHeadLoss.CHUNK]
+            logits = (h[i:i + LMHeadLoss.CHUNK] @ weight.T).float()
+            lse = logits.logsumexp(-1)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                p = logits.sub_(lse[:, None]).exp_()                 # softmax, in place of the logits
+                p[torch.arange(len(t), device=t.device), t] -= 1      # d CE / d logits = softmax - onehot
+                grad[i:i + LMHeadLoss.CHUNK] = p.to(h.dtype) @ weight
+        ctx.save_for_backward(grad if grad is not None else h.new_empty(0))
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None
 
 
 @torch.no_grad()
@@ -231,6 +274,8 @@ def train(cfg: TrainConfig) -> dict:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    if device.type == "cpu":
+        limit_heap_retention()
     out = check_out_dir(cfg, rank)
     t_start = time.time()
 

@@ -153,3 +153,25 @@ def test_mismatched_adapters_fail_clearly(tmp_path, tiny_ckpt):
     (tmp_path / "ad/adapter_config.json").write_text(json.dumps(dict(cfg, target_modules=["c_attn"])))
     with pytest.raises(ValueError, match="match no linear layer"):
         load_adapter(_tiny(path), tmp_path / "ad")
+
+
+def test_dropout_path_gradients_match_autograd():
+    """Our LoRA autograd function (1-byte mask saved) against plain autograd with the same mask."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(32, 24), r=4, alpha=8, dropout=0.3).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(5, 32, requires_grad=True)
+    torch.manual_seed(1)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.manual_seed(1)
+    mask = torch.rand_like(x) >= 0.3
+    A, B = layer.lora_A.weight.detach().requires_grad_(), layer.lora_B.weight.detach().requires_grad_()
+    x2 = x.detach().requires_grad_()
+    ref = layer.base(x2) + (x2 * mask / 0.7) @ A.T @ B.T * layer.scaling
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    for ours, want in ((x.grad, x2.grad), (layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad)):
+        torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)

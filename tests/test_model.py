@@ -215,3 +215,14 @@ def test_bf16_load_peak_memory_under_two_copies():
     grow, size = load_peak_growth("bfloat16", None)
     print(f"bf16 load: peak RSS growth {grow / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model")
     assert grow < 2 * size
+
+
+def test_swiglu_backward_matches_autograd():
+    from model import SwiGLU
+    g, u = torch.randn(7, 33, requires_grad=True), torch.randn(7, 33, requires_grad=True)
+    g2, u2 = g.detach().requires_grad_(), u.detach().requires_grad_()
+    w = torch.randn(7, 33)
+    (SwiGLU.apply(g, u) * w).sum().backward()
+    (torch.nn.functional.silu(g2) * u2 * w).sum().backward()
+    torch.testing.assert_close(g.grad, g2.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(u.grad, u2.grad, atol=1e-6, rtol=1e-5)
