@@ -123,6 +123,12 @@ def limit_heap_retention():
         pass   # not glibc
 
 
+def current_rss() -> int:
+    """Resident bytes now: the runtime (Python, torch, tokenizers) before the model exists."""
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+
+
 def peak_memory(device) -> int:
     """Peak bytes: CUDA max allocated, or the process's peak RSS (VmHWM) on CPU."""
     if device.type == "cuda":
@@ -133,10 +139,11 @@ def peak_memory(device) -> int:
 
 def memory_breakdown(model, opt) -> dict:
     """Bytes of each kind of live tensor, counted from the real tensors."""
-    lora = {id(p) for m in lora_layers(model).values() for p in m.parameters()}
-    base = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in lora)
+    lora = [p for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+    ids = {id(p) for p in lora}
+    base = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids)
     base += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, NF4Linear) for b in m.buffers())
-    adapters = sum(p.numel() * p.element_size() for m in lora_layers(model).values() for p in m.parameters())
+    adapters = sum(p.numel() * p.element_size() for p in lora)
     state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
     return dict(base_weights=base, adapters=adapters, gradients=adapters,
                 optimizer_states=sum(t.numel() * t.element_size() for t in state))
@@ -277,7 +284,7 @@ def train(cfg: TrainConfig) -> dict:
     if device.type == "cpu":
         limit_heap_retention()
     out = check_out_dir(cfg, rank)
-    t_start = time.time()
+    t_start, rss_start = time.time(), current_rss()
 
     # -- data: everything is read and checked before anything is written
     tok = load_tokenizer(cfg.model)
@@ -368,6 +375,7 @@ def train(cfg: TrainConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0, tokens_seen, first_step, losses, interrupted = time.time(), 0, step, [], False
+    max_micro_tokens = 0
     try:
         while step < total_steps:
             idx = step_examples(len(train_ex), len(train_ex), step, per_step, cfg.seed)
@@ -388,6 +396,7 @@ def train(cfg: TrainConfig) -> dict:
                 loss.backward()
                 loss_total += loss.item()
                 tokens_seen += sum(len(ex[0]) for ex in m)   # real tokens, padding not counted
+                max_micro_tokens = max(max_micro_tokens, sum(len(ex[0]) for ex in m))
             if world > 1:   # one all-reduce of all adapter gradients (a few MB), summed: already normalized
                 flat_g = torch.cat([p.grad.reshape(-1) for p in params])
                 dist.all_reduce(flat_g)
@@ -430,7 +439,9 @@ def train(cfg: TrainConfig) -> dict:
                    losses=losses, eval_loss_before=eval_before, tokens_per_s=tokens_seen * world / max(train_time, 1e-9),
                    train_time_s=train_time, peak_mem=peak_memory(device), device=str(device),
                    dtype=str(dtype).replace("torch.", ""), trainable=info["trainable"], total_params=info["total"],
-                   memory=memory_breakdown(model, opt), out=str(out))
+                   memory=memory_breakdown(model, opt), runtime_rss=rss_start, out=str(out),
+                   tokens_per_step=tokens_seen * world / max(1, step - first_step),
+                   max_tokens_per_micro_batch=max_micro_tokens)
     if not interrupted:
         ev, _ = evaluate(model, eval_batches, world)
         record(step=step, eval_loss=ev, eval_ppl=math.exp(ev))
