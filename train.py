@@ -255,6 +255,8 @@ def evaluate(model, batches, world) -> tuple[float, int]:
     if world > 1:
         dist.all_reduce(total)
     model.train()
+    if total[1] == 0:   # no eval split (--eval-examples 0)
+        return float("nan"), 0
     return (total[0] / total[1]).item(), int(total[1])
 
 
@@ -305,8 +307,7 @@ def train(cfg: TrainConfig) -> dict:
     model = load_model(cfg.model, dtype, quantize="nf4" if cfg.qlora else None, device=device)
     if cfg.seq_len > model.args.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} is above the model's limit of {model.args.max_seq_len} tokens")
-    info = apply_lora(model, cfg.targets.split(",") if "," in cfg.targets or not cfg.targets.startswith("^")
-                      else cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
+    info = apply_lora(model, cfg.targets.split(","), cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
     model.grad_checkpoint = cfg.grad_checkpoint
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -469,5 +470,9 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch.OutOfMemoryError as e:
+        print(f"error: out of memory ({str(e).splitlines()[0]}); try --qlora, --grad-checkpoint, a smaller "
+              "--batch-size (with --grad-accum to keep the batch) or a shorter --seq-len", file=sys.stderr)
+        sys.exit(3)
     if summary.get("interrupted"):
         sys.exit(130)

@@ -226,3 +226,19 @@ def test_swiglu_backward_matches_autograd():
     (torch.nn.functional.silu(g2) * u2 * w).sum().backward()
     torch.testing.assert_close(g.grad, g2.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(u.grad, u2.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_sentencepiece_tokenizer_folder(tmp_path):
+    """A folder with tokenizer.model (Llama 1/2, Mistral) loads through sentencepiece, BOS/EOS by name."""
+    import sentencepiece as spm
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(300)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tokenizer"), vocab_size=80,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    from data import load_tokenizer
+    tok = load_tokenizer(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert tok.encode("the lazy fox 42") == sp.encode("the lazy fox 42")
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    assert tok.decode(tok.encode("the lazy fox 42")) == "the lazy fox 42"
