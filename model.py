@@ -330,7 +330,7 @@ def _is_quantizable(name: str) -> bool:
     # QLoRA quantizes the linears inside the blocks; embeddings, norms and lm_head stay 16-bit.
     return name.startswith("model.layers.") and name.endswith("_proj.weight")
 
-def _release_freed_memory():
+def release_freed_memory():
     """Hand freed heap pages back to the OS (glibc keeps them otherwise, and they count as RSS)."""
     try:
         import ctypes
@@ -367,16 +367,16 @@ class _Placer:
             if mod.bias is not None:
                 q.bias = mod.bias   # still meta; filled when its own tensor arrives
             setattr(self.model.get_submodule(parent), attr, q)
-            _release_freed_memory()
+            release_freed_memory()
             return
         t = tensor.to(device=self.device, dtype=self.dtype)
         setattr(mod, pname, nn.Parameter(t, requires_grad=False))
         if tensor.nbytes > 1 << 24:
-            _release_freed_memory()
+            release_freed_memory()
 
 
     def finish(self):
-        _release_freed_memory()
+        release_freed_memory()
         missing = sorted(self.expected - self.seen)
         if missing:
             raise ValueError(f"{self.where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from data import IGNORE, collate, collate_packed, encode_example, load_examples, load_tokenizer, pack, prompt_format
 from lora import apply_lora, lora_layers, save_adapter
-from model import load_model
+from model import load_model, release_freed_memory
 from nf4 import NF4Linear
 from optim import AdamW8bit
 
@@ -286,7 +286,7 @@ def train(cfg: TrainConfig) -> dict:
     if device.type == "cpu":
         limit_heap_retention()
     out = check_out_dir(cfg, rank)
-    t_start, rss_start = time.time(), current_rss()
+    t_start = time.time()
 
     # -- data: everything is read and checked before anything is written
     tok = load_tokenizer(cfg.model)
@@ -304,6 +304,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # -- model: load (NF4 as it streams in, for QLoRA) -> LoRA -> freeze all but the adapters
     torch.manual_seed(cfg.seed)
+    rss_start = current_rss()   # the runtime: Python, torch, tokenizer and data, before any weight
     model = load_model(cfg.model, dtype, quantize="nf4" if cfg.qlora else None, device=device)
     if cfg.seq_len > model.args.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} is above the model's limit of {model.args.max_seq_len} tokens")
@@ -411,6 +412,8 @@ def train(cfg: TrainConfig) -> dict:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if device.type == "cpu":
+                release_freed_memory()   # the step's small freed blocks, or they pile up in the heap
             step += 1
             losses.append(loss_total)
             elapsed = time.time() - t0
