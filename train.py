@@ -97,16 +97,25 @@ def pick_device_dtype(cfg):
         return device, getattr(torch, cfg.dtype)
     if device.type == "cuda":
         return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # On CPU, time one matmul of each: bf16 is ~50x slower than fp32 without AVX512-BF16/AMX.
-    def speed(dt):
-        a = torch.randn(256, 512, dtype=dt)
-        b = torch.randn(512, 512, dtype=dt)
+    # On CPU, bf16 matmuls are ~50x slower than fp32 unless the CPU has bf16 units (AVX512-BF16 or
+    # AMX); only then do we time both (best of several, so one noisy sample cannot decide) and take the faster.
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return device, torch.float32
+
+    def best_time(dt):
+        a, b = torch.randn(512, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
         a @ b
-        t = time.perf_counter()
-        for _ in range(3):
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
             a @ b
-        return time.perf_counter() - t
-    return device, torch.bfloat16 if speed(torch.bfloat16) < speed(torch.float32) else torch.float32
+            times.append(time.perf_counter() - t)
+        return min(times)
+    return device, torch.bfloat16 if best_time(torch.bfloat16) < 0.8 * best_time(torch.float32) else torch.float32
 
 
 def limit_heap_retention():
