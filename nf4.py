@@ -210,8 +210,8 @@ class NF4Linear(nn.Module):
 
 
 def quantization_error(model: nn.Module) -> dict:
-    """Per NF4 layer: mean |W - deq(W)| is not available without the original, so this takes a model
-    whose linears are still 16-bit and reports what NF4 would cost each: mean absolute and relative."""
+    """What NF4 would cost each linear of a 16-bit model (the original weights are needed, so this takes
+    the model before quantization): mean absolute error and relative Frobenius error per layer."""
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and name.startswith("model.layers."):
