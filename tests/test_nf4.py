@@ -189,3 +189,17 @@ def test_default_model_nf4_bits_memory_and_kl():
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
     print(f"KL(16-bit || NF4) on a paragraph: {kl:.4f} nats/token; {bits:.4f} bits/param")
     assert 0 < kl < 1.0
+
+
+def test_quantization_error_per_layer():
+    from nf4 import quantization_error
+    torch.manual_seed(0)
+    m = torch.nn.Module()
+    m.model = torch.nn.Module()
+    m.model.layers = torch.nn.ModuleList([torch.nn.Linear(256, 128), torch.nn.Linear(128, 64)])
+    err = quantization_error(m)
+    assert set(err) == {"model.layers.0", "model.layers.1"}
+    w = m.model.layers[0].weight.detach()
+    d = dequantize_nf4(quantize_nf4(w)) - w
+    assert err["model.layers.0"]["mean_abs"] == pytest.approx(d.abs().mean().item())
+    assert 0.05 < err["model.layers.0"]["rel"] < 0.15   # 4 bits on uniform-init weights: ~10% relative
