@@ -89,15 +89,19 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 
 
 def gguf_tokenizer(reader, where):
-    """Rebuild a byte-level BPE tokenizer (tokenizers' Tokenizer) from a GGUF vocabulary."""
+    """Rebuild the tokenizer (tokenizers' Tokenizer) from a GGUF vocabulary: byte-level BPE or SentencePiece."""
     from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
     from model import gguf_field
     kind = gguf_field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"{where}: GGUF tokenizer model {kind!r} is not supported here (byte-level BPE 'gpt2' "
-                         "only); pass the HF folder with tokenizer.json or tokenizer.model instead")
+    if kind not in ("gpt2", "llama"):
+        raise ValueError(f"{where}: GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' or "
+                         "SentencePiece 'llama'); pass the HF folder with tokenizer.json or tokenizer.model instead")
     tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     types = gguf_field(reader, "tokenizer.ggml.token_type")
+    bos, eos = gguf_field(reader, "tokenizer.ggml.bos_token_id"), gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    template = gguf_field(reader, "tokenizer.chat_template", "")
+    if kind == "llama":
+        return _spm_bpe_tokenizer(tokens, gguf_field(reader, "tokenizer.ggml.scores"), types), bos, eos, template
     merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges") or []]
     tk = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
     pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
@@ -113,8 +117,28 @@ def gguf_tokenizer(reader, where):
     # Control (3) and user-defined (4) tokens match whole, before BPE, as HF's added tokens do.
     tk.add_tokens([AddedToken(tokens[i], special=types[i] == 3, normalized=False)
                    for i in range(len(tokens)) if types[i] in (3, 4)])
-    bos, eos = gguf_field(reader, "tokenizer.ggml.bos_token_id"), gguf_field(reader, "tokenizer.ggml.eos_token_id")
-    return tk, bos, eos, gguf_field(reader, "tokenizer.chat_template", "")
+    return tk, bos, eos, template
+
+
+def _spm_bpe_tokenizer(tokens, scores, types):
+    """A SentencePiece BPE vocabulary (llama.cpp's 'llama' model: pieces, scores, types) as a tokenizers
+    BPE. SentencePiece merges the pair whose result has the highest score; BPE applies merges in list
+    order, so the merge list is every split of every piece into two pieces, ordered by the piece's score."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, score in sorted(zip(tokens, scores), key=lambda x: -x[1]):
+        local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    unk = next((t for t, ty in zip(tokens, types) if ty == 2), None)
+    tk = HFTokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    # SentencePiece marks word starts with U+2581 and adds one at the very start (add_dummy_prefix).
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.add_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                   for i in range(len(tokens)) if types[i] in (3, 4)])
+    return tk
 
 
 def save_tokenizer_files(reader, out: Path):
