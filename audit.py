@@ -27,8 +27,8 @@ import torch
 
 from data import IGNORE, encode_example, load_examples, load_tokenizer, prompt_format
 from lora import ALL_TARGETS, load_adapter, merge_lora
+from merge import base_args, requantize_nf4
 from model import ModelArgs, load_model
-from nf4 import NF4Linear
 from train import LMHeadLoss, TrainConfig
 
 GPU_SIZES_GB = (8, 12, 16, 24, 40, 80)
@@ -224,14 +224,14 @@ def main(argv=None):
     lp_a = measure("a_nf4_plus_adapter", m4)
     merge_lora(m4, on_nf4="dequantize", unwrap=True)
     measure("d_merged_into_dequantized_nf4", m4, lp_a)
-    requantize(m4)
+    requantize_nf4(m4)
     measure("e_d_requantized_nf4", m4, lp_a)
     del m4
     mb = load_model(cfg.model, dtype)
     load_adapter(mb, qad)
     merge_lora(mb, unwrap=True)
     measure("b_merged_into_16bit_base", mb, lp_a)
-    requantize(mb)
+    requantize_nf4(mb)
     measure("c_b_requantized_nf4", mb, lp_a)
     del mb
     damage = dict(kl_16bit_to_nf4=kl(lp16, lp4), eval_loss_gap=res["base_nf4"]["eval_loss"] - res["base_16bit"]["eval_loss"])
@@ -246,7 +246,7 @@ def main(argv=None):
     res["lora_merged_16bit"]["effect_kept"] = (res["base_16bit"]["eval_loss"] - res["lora_merged_16bit"]["eval_loss"]) / le
 
     # 4. the estimator, checked against the measured peaks (CPU: peak RSS = runtime + tensors)
-    args = load_model_args(cfg.model)
+    args = base_args(cfg.model)
     est = {}
     for m in ("lora", "qlora"):
         r = runs[m]
@@ -271,18 +271,6 @@ def main(argv=None):
     plots(runs, est, big, out, log)
     (out / "report.md").write_text(render_report(report))
     log(f"wrote {out}/report.md, report.json and plots in {(time.time() - t0) / 60:.1f} min")
-
-
-def requantize(model):
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, NF4Linear.from_linear(mod, compute_dtype=mod.weight.dtype))
-
-
-def load_model_args(source) -> ModelArgs:
-    from merge import base_args
-    return base_args(source)
 
 
 # ----------------------------------------------------------------------------------------------

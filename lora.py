@@ -98,7 +98,7 @@ class LoRALinear(nn.Module):
     def unmerge(self):
         if not self.merged:
             return
-        if not isinstance(self.base, nn.Linear) or isinstance(self.base, NF4Linear):
+        if not isinstance(self.base, nn.Linear):
             raise ValueError("cannot unmerge from a requantized NF4 weight; reload the base")
         with torch.no_grad():
             self.base.weight.sub_(self.delta().to(self.base.weight.dtype))

@@ -83,6 +83,14 @@ def copy_tokenizer(source, out: Path):
             shutil.copy(src / name, out / name)
 
 
+def requantize_nf4(model):
+    """Replace every block linear of a (merged) 16-bit model by its NF4 version, in place."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, NF4Linear.from_linear(mod, compute_dtype=mod.weight.dtype))
+
+
 def merge(model: str, adapter: str, out: str, dtype=torch.bfloat16, requantize: str | None = None,
           gguf: str | None = None, from_nf4: bool = False, device=None, log=print) -> dict:
     out = Path(out)
@@ -116,10 +124,7 @@ def merge(model: str, adapter: str, out: str, dtype=torch.bfloat16, requantize: 
         result["gguf"] = str(path)
         log(f"wrote {path}")
     if requantize:
-        for name, mod in list(m.named_modules()):
-            if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
-                parent, _, attr = name.rpartition(".")
-                setattr(m.get_submodule(parent), attr, NF4Linear.from_linear(mod, compute_dtype=mod.weight.dtype))
+        requantize_nf4(m)
         qout = out.with_name(out.name + "-nf4")
 
         def write_q(tmp):

@@ -20,7 +20,7 @@ import struct
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch

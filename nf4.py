@@ -20,8 +20,6 @@ NF4_LEVELS = torch.tensor([
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0], dtype=torch.float32)
-# A value exactly between two levels goes to the lower one (bucketize with right=False).
-NF4_MIDPOINTS = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) / 2
 # Byte -> its two values (high nibble first), each pair viewed as one 8-byte word: dequantizing is a
 # single gather that moves both values of a byte at once (5x faster than indexing a 16-entry table).
 NF4_PAIRS = torch.stack([NF4_LEVELS[torch.arange(256) >> 4], NF4_LEVELS[torch.arange(256) & 15]], dim=1)

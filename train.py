@@ -16,8 +16,6 @@ import json
 import math
 import os
 import random
-import shutil
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -25,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from data import IGNORE, collate, collate_packed, encode_example, load_examples, load_tokenizer, pack, prompt_format
 from lora import apply_lora, lora_layers, save_adapter
@@ -158,7 +155,7 @@ def memory_breakdown(model, opt) -> dict:
                 optimizer_states=sum(t.numel() * t.element_size() for t in state))
 
 
-def check_out_dir(cfg, rank) -> Path:
+def check_out_dir(cfg) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
@@ -294,7 +291,7 @@ def train(cfg: TrainConfig) -> dict:
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     if device.type == "cpu":
         limit_heap_retention()
-    out = check_out_dir(cfg, rank)
+    out = check_out_dir(cfg)
     t_start = time.time()
 
     # -- data: everything is read and checked before anything is written
