@@ -59,7 +59,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-        return y + _LoRAPath.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
+        return _LoRAAdd.apply(y, x, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
 
     def delta(self) -> torch.Tensor:
         """The dense update s * B @ A (out, in), in fp32; only merging needs it."""
@@ -108,34 +108,43 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-class _LoRAPath(torch.autograd.Function):
-    """s * (dropout(x) A^T) B^T, saving for backward the input x (which the graph keeps anyway) and
-    a 1-byte dropout mask, instead of a dropped-out fp32 copy of x for every adapted layer."""
+class _LoRAAdd(torch.autograd.Function):
+    """y += s * (dropout(x) A^T) B^T, in place on the base output y.
+
+    Written out by hand for memory: it keeps for backward the input x (which the graph keeps anyway),
+    a 1-byte dropout mask and the (tokens, r) product, instead of a dropped-out fp32 copy of x; and it
+    adds into y with one addmm_ instead of making three (tokens, out) temporaries (the product, its
+    scaled copy, the sum). The scale and 1/(1-p) are folded into the r-wide factors."""
 
     @staticmethod
-    def forward(ctx, x, A, B, scaling, p):
+    def forward(ctx, y, x, A, B, scaling, p):
         a, b = A.to(x.dtype), B.to(x.dtype)
         mask = (torch.rand_like(x) >= p) if p > 0 else None
-        xd = x * mask / (1 - p) if p > 0 else x
-        xa = xd @ a.T                                                    # (..., r)
+        xa = (x * mask if p > 0 else x) @ a.T                            # (..., r)
+        if p > 0:
+            xa.mul_(1 / (1 - p))                                         # inverted dropout, on the narrow side
+        y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), b.T, alpha=scaling)
+        ctx.mark_dirty(y)
         ctx.save_for_backward(x, mask, xa, A, B)
         ctx.scaling, ctx.p = scaling, p
-        return (xa @ b.T) * scaling
+        return y
 
     @staticmethod
     def backward(ctx, g):
         x, mask, xa, A, B = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
         a, b = A.to(g.dtype), B.to(g.dtype)
-        gz = g * s
-        g_xa = gz @ b                                                    # (..., r)
-        xd = x * mask / (1 - p) if p > 0 else x                          # recomputed, not stored
-        gB = gz.reshape(-1, gz.shape[-1]).T @ xa.reshape(-1, xa.shape[-1])
-        gA = g_xa.reshape(-1, g_xa.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])
-        gx = g_xa @ a
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        g_xa = g2 @ (b * s)                                              # (tokens, r)
+        gB = (g2.T @ xa.reshape(-1, xa.shape[-1])) * s
         if p > 0:
-            gx = gx * mask / (1 - p)
-        return gx, gA.to(A.dtype), gB.to(B.dtype), None, None
+            g_xa.mul_(1 / (1 - p))
+            gA = g_xa.T @ (x2 * mask.reshape(x2.shape))                  # the dropped-out x, recomputed
+            gx = (g_xa @ a).mul_(mask.reshape(x2.shape))
+        else:
+            gA = g_xa.T @ x2
+            gx = g_xa @ a
+        return g, gx.view(x.shape), gA.to(A.dtype), gB.to(B.dtype), None, None
 
 
 def linear_names(model: nn.Module) -> list[str]:

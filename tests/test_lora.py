@@ -155,22 +155,23 @@ def test_mismatched_adapters_fail_clearly(tmp_path, tiny_ckpt):
         load_adapter(_tiny(path), tmp_path / "ad")
 
 
-def test_dropout_path_gradients_match_autograd():
-    """Our LoRA autograd function (1-byte mask saved) against plain autograd with the same mask."""
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_path_gradients_match_autograd(p):
+    """Our in-place LoRA autograd function (1-byte mask saved) against plain autograd with the same mask."""
     torch.manual_seed(0)
-    layer = LoRALinear(torch.nn.Linear(32, 24), r=4, alpha=8, dropout=0.3).train()
+    layer = LoRALinear(torch.nn.Linear(32, 24), r=4, alpha=8, dropout=p).train()
     with torch.no_grad():
         layer.lora_B.weight.normal_()
-    x = torch.randn(5, 32, requires_grad=True)
+    x = torch.randn(2, 5, 32, requires_grad=True)
     torch.manual_seed(1)
     y = layer(x)
     g = torch.randn_like(y)
     y.backward(g)
     torch.manual_seed(1)
-    mask = torch.rand_like(x) >= 0.3
+    mask = torch.rand_like(x) >= p if p > 0 else torch.ones_like(x, dtype=torch.bool)
     A, B = layer.lora_A.weight.detach().requires_grad_(), layer.lora_B.weight.detach().requires_grad_()
     x2 = x.detach().requires_grad_()
-    ref = layer.base(x2) + (x2 * mask / 0.7) @ A.T @ B.T * layer.scaling
+    ref = layer.base(x2) + (x2 * mask / (1 - p)) @ A.T @ B.T * layer.scaling
     ref.backward(g)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
     for ours, want in ((x.grad, x2.grad), (layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad)):
