@@ -72,26 +72,49 @@ def nf4_bytes(n: int, block=64) -> int:
     return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4
 
 
+def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8, dropout: float = 0.0,
+                                b: int = 2) -> int:
+    """Bytes that autograd keeps per token in one block until backward, as model.py and lora.py save
+    them (b = bytes per value of the compute dtype). tests/test_audit.py checks this against the
+    tensors autograd really saves, in fp32 and bf16, with and without dropout."""
+    shapes = linear_shapes(a)
+    t = [n for n in shapes if n in targets]
+    q, kv, inter = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.intermediate_size
+    norms = 2 * (a.dim + 1) * 4                 # each RMSNorm keeps its input in fp32 and 1/rms
+    attn = (2 * q + 2 * kv) * b + a.n_heads * 4  # q, k, v after RoPE, the attention output, its fp32 log-sum-exp
+    mlp = 2 * inter * b                          # gate and up (SwiGLU recomputes the rest)
+    # An adapter keeps its input (a frozen linear alone keeps nothing): the norm outputs feeding
+    # q/k/v and gate/up, o_proj's input (the attention output re-laid out) and down_proj's.
+    inputs = a.dim * (any(n in t for n in ("q_proj", "k_proj", "v_proj")) + any(n in t for n in ("gate_proj", "up_proj")))
+    inputs += q * ("o_proj" in t) + inter * ("down_proj" in t)
+    lora = len(t) * rank * b                     # each adapter's (tokens, r) product
+    masks = sum(shapes[n][0] for n in t) if dropout > 0 else 0   # 1-byte dropout masks
+    return norms + attn + mlp + inputs * b + lora + masks
+
+
 def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8, targets=ALL_TARGETS,
                     grad_checkpoint: bool = False, dtype_bytes: int = 2, paged_device: bool = False,
-                    tokens: int | None = None) -> dict:
-    """Predicted bytes by kind for LoRA ('lora') or QLoRA ('qlora') training.
+                    tokens: int | None = None, dropout: float = 0.0) -> dict:
+    """Predicted peak bytes by kind for LoRA ('lora') or QLoRA ('qlora') training.
 
     Weights, adapters, gradients and optimizer states are counted exactly as this code stores them.
-    Activations use what our backward keeps per token and layer, 12 x dim + 2.5 x intermediate values
-    in the compute dtype (measured: the resident memory a forward pass adds on SmolLM2-135M, 41 KB
-    per token and layer in fp32), or only each block's input with checkpointing, plus the chunked
-    lm_head loss. tokens = real tokens in a micro-batch (default
-    batch * seq). paged_device: QLoRA's paged optimizer states live in host memory, not on the GPU."""
+    Activations are what our backward keeps (saved_bytes_per_token_layer, or each block's input with
+    checkpointing, plus one block recomputed); transient is the largest temporary on top of them:
+    the lm_head loss chunk's fp32 logits, or a dequantized NF4 weight with a block's backward
+    temporaries.
+    tokens = real tokens in a micro-batch (default batch * seq). paged_device: QLoRA's paged
+    optimizer states live in host memory, not on the GPU. Not counted: the runtime (Python and
+    libraries, a CUDA context) and allocator slack; the audit measures the first on CPU."""
+    b = dtype_bytes
     shapes = linear_shapes(a)
     lin = sum(i * o for i, o in shapes.values()) * a.n_layers
     other = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2) + (2 * a.n_layers + 1) * a.dim
     if a.attention_bias:
         other += sum(o for n, (i, o) in shapes.items() if n in ("q_proj", "k_proj", "v_proj")) * a.n_layers
     if mode == "qlora":
-        base = sum(nf4_bytes(i * o) for i, o in shapes.values()) * a.n_layers + other * dtype_bytes
+        base = sum(nf4_bytes(i * o) for i, o in shapes.values()) * a.n_layers + other * b
     else:
-        base = (lin + other) * dtype_bytes
+        base = (lin + other) * b
     tensors = [(rank, i) for n, (i, o) in shapes.items() if n in targets] + \
               [(o, rank) for n, (i, o) in shapes.items() if n in targets]
     lora_params = sum(r * c for r, c in tensors) * a.n_layers
@@ -103,14 +126,21 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
     else:
         opt = 8 * lora_params + 4 * len(tensors) * a.n_layers   # AdamW: exp_avg, exp_avg_sq and a step tensor
     tokens = tokens or batch * seq
-    full_layer = (12 * a.dim + 2.5 * a.intermediate_size) * dtype_bytes
-    per_token_layer = a.dim * dtype_bytes if grad_checkpoint else full_layer
-    act = tokens * a.n_layers * per_token_layer
-    if grad_checkpoint:   # one block's full activations exist again during its recomputation
-        act += tokens * full_layer
-    act += LMHeadLoss.CHUNK * a.vocab_size * 4 * 2 + tokens * a.dim * dtype_bytes * 2
+    layer = saved_bytes_per_token_layer(a, targets, rank, dropout, b)
+    act = tokens * a.n_layers * (a.dim * b if grad_checkpoint else layer)
+    if grad_checkpoint:   # one block's activations exist again while it is recomputed for backward
+        act += tokens * layer
+    # Once per token: RoPE's cos and sin, the loss's dL/dh and its target mask. (The final norm keeps
+    # its input as every block's norms do, and the first block's attention norm keeps nothing: the
+    # embeddings need no gradient. The two cancel. Without q/k/v adapters the first block keeps no
+    # attention tensors either; we count them anyway, an overestimate of less than one block.)
+    act += tokens * (2 * a.head_dim * b + a.dim * b + 1)
+    chunk = min(tokens, LMHeadLoss.CHUNK)
+    # fp32 logits of one chunk and two temporaries of logsumexp (+ the matmul output if not fp32)
+    lm_head = chunk * a.vocab_size * (3 * 4 + (b if b != 4 else 0))
+    block = tokens * 4 * a.intermediate_size * b + (max(i * o for i, o in shapes.values()) * b if mode == "qlora" else 0)
     out = dict(base_weights=int(base), adapters=int(adapters), gradients=int(grads), optimizer_states=int(opt),
-               activations=int(act))
+               activations=int(act), transient=int(max(lm_head, block)))
     out["total"] = sum(out.values())
     return out
 
@@ -175,7 +205,7 @@ def main(argv=None):
         args = preset_args(a.preset) if a.preset else ModelArgs.from_hf_config(json.loads(Path(a.config).read_text()))
         for mode in ("lora", "qlora"):
             e = estimate_memory(args, mode, cfg.batch_size, cfg.seq_len, cfg.rank, cfg.targets.split(","),
-                                cfg.grad_checkpoint, 2, paged_device=True)
+                                cfg.grad_checkpoint, 2, paged_device=True, dropout=cfg.dropout)
             print(f"{mode:6s} " + ", ".join(f"{k} {v / 2**30:.2f} GB" for k, v in e.items()))
         return
 
@@ -250,9 +280,11 @@ def main(argv=None):
     est = {}
     for m in ("lora", "qlora"):
         r = runs[m]
+        on_gpu = r["device"].startswith("cuda")
         e = estimate_memory(args, m, cfg.batch_size, cfg.seq_len, cfg.rank, cfg.targets.split(","), cfg.grad_checkpoint,
-                            4 if r["dtype"] == "float32" else 2, tokens=r["max_tokens_per_micro_batch"])
-        runtime = r["runtime_rss"] if r["device"] == "cpu" else 0
+                            4 if r["dtype"] == "float32" else 2, tokens=r["max_tokens_per_micro_batch"],
+                            dropout=cfg.dropout, paged_device=on_gpu and (cfg.optim or "paged").startswith("paged") and m == "qlora")
+        runtime = 0 if on_gpu else (r["runtime_rss"] or 0)   # CUDA's max_memory_allocated counts tensors only
         est[m] = dict(e, runtime=runtime, predicted_peak=e["total"] + runtime, measured_peak=r["peak_mem"],
                       error=(e["total"] + runtime) / r["peak_mem"] - 1)
         log(f"estimator {m}: predicted {est[m]['predicted_peak'] / 2**30:.2f} GB vs measured {r['peak_mem'] / 2**30:.2f} GB "
@@ -260,7 +292,8 @@ def main(argv=None):
     big = {}
     for name in ("Llama-3.2-1B", "Llama-2-7B", "Llama-3-8B", "Llama-2-13B", "Llama-2-70B"):
         pa = preset_args(name)
-        big[name] = {m: estimate_memory(pa, m, 1, 512, cfg.rank, cfg.targets.split(","), True, 2, paged_device=True)
+        big[name] = {m: estimate_memory(pa, m, 1, 512, cfg.rank, cfg.targets.split(","), True, 2, paged_device=True,
+                                        dropout=cfg.dropout)
                      for m in ("lora", "qlora")}
         big[name]["params"] = sum(i * o for i, o in linear_shapes(pa).values()) * pa.n_layers + pa.vocab_size * pa.dim * (1 if pa.tie_embeddings else 2)
 
@@ -294,7 +327,7 @@ def plots(runs, est, big, out, log):
     fig.tight_layout(), fig.savefig(out / "loss.png", dpi=110), plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    kinds = ["runtime", "base_weights", "adapters", "gradients", "optimizer_states", "activations"]
+    kinds = ["runtime", "base_weights", "adapters", "gradients", "optimizer_states", "activations", "transient"]
     for j, m in enumerate(("lora", "qlora")):
         bottom = 0
         for k in kinds:

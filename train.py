@@ -116,21 +116,26 @@ def pick_device_dtype(cfg):
 
 
 def limit_heap_retention():
-    """On CPU, send every allocation over 1 MB to its own mapping, returned to the OS when freed.
+    """On CPU, send every allocation over 256 KB to its own mapping, returned to the OS when freed,
+    so that resident memory follows the live tensors (what the audit's estimator counts).
 
-    glibc raises its mmap threshold as large blocks are freed, after which activations come from
-    the heap and their freed pages stay in the process, fragmented between live ones: peak RSS of
-    the default QLoRA run was 3.5 GB with ~1.5 GB of live tensors. A fixed threshold (mallopt
-    M_MMAP_THRESHOLD) gives 2.2 GB for ~15% of speed (page faults on fresh mappings)."""
+    glibc raises its mmap threshold as large blocks are freed; activations then come from the heap,
+    and freed pages stay resident, fragmented between live blocks: the default QLoRA run peaked at
+    3.5 GB for ~1.5 GB of live tensors. Even at a fixed 1 MB threshold, big blocks are served from
+    free heap space that smaller saved tensors (per-segment attention outputs, dropout masks) keep
+    fragmented: forward grew 70-100 KB per token and layer for 41 KB of saved tensors (2.2 GB peak).
+    At 256 KB the heap holds only small objects: ~48 KB per token and layer (the saved tensors plus
+    the lm_head chunk), 1.7 GB peak, for ~15% of speed (fresh pages cost ~1 us each to fault in
+    on this VM)."""
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)   # -3 = M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, 256 << 10)   # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass   # not glibc
 
 
 def current_rss() -> int:
-    """Resident bytes now: the runtime (Python, torch, tokenizers) before the model exists."""
+    """Resident bytes of this process now."""
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
 
@@ -310,7 +315,6 @@ def train(cfg: TrainConfig) -> dict:
 
     # -- model: load (NF4 as it streams in, for QLoRA) -> LoRA -> freeze all but the adapters
     torch.manual_seed(cfg.seed)
-    rss_start = current_rss()   # the runtime: Python, torch, tokenizer and data, before any weight
     model = load_model(cfg.model, dtype, quantize="nf4" if cfg.qlora else None, device=device)
     if cfg.seq_len > model.args.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} is above the model's limit of {model.args.max_seq_len} tokens")
@@ -383,7 +387,7 @@ def train(cfg: TrainConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0, tokens_seen, first_step, losses, interrupted = time.time(), 0, step, [], False
-    max_micro_tokens = 0
+    max_micro_tokens, runtime_rss = 0, None
     try:
         while step < total_steps:
             idx = step_examples(len(train_ex), len(train_ex), step, per_step, cfg.seed)
@@ -420,6 +424,12 @@ def train(cfg: TrainConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             if device.type == "cpu":
                 release_freed_memory()   # the step's small freed blocks, or they pile up in the heap
+                if runtime_rss is None:
+                    # Everything resident that is not a tensor (Python, torch's code and threads, the
+                    # tokenizer, the data): RSS between two steps, less the weights, adapters and
+                    # optimizer states alive then (gradients are freed).
+                    live = memory_breakdown(model, opt)
+                    runtime_rss = current_rss() - live["base_weights"] - live["adapters"] - live["optimizer_states"]
             step += 1
             losses.append(loss_total)
             elapsed = time.time() - t0
@@ -449,7 +459,7 @@ def train(cfg: TrainConfig) -> dict:
                    losses=losses, eval_loss_before=eval_before, tokens_per_s=tokens_seen * world / max(train_time, 1e-9),
                    train_time_s=train_time, peak_mem=peak_memory(device), device=str(device),
                    dtype=str(dtype).replace("torch.", ""), trainable=info["trainable"], total_params=info["total"],
-                   memory=memory_breakdown(model, opt), runtime_rss=rss_start, out=str(out),
+                   memory=memory_breakdown(model, opt), runtime_rss=runtime_rss, out=str(out),
                    tokens_per_step=tokens_seen * world / max(1, step - first_step),
                    max_tokens_per_micro_batch=max_micro_tokens)
     if not interrupted:

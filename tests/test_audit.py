@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from audit import estimate_memory, main
-from lora import apply_lora
+from audit import estimate_memory, main, saved_bytes_per_token_layer
+from lora import ALL_TARGETS, apply_lora
 from model import load_model
 from optim import AdamW8bit
-from train import memory_breakdown
+from train import loss_sum, memory_breakdown
 
 
 @pytest.mark.parametrize("mode", ["lora", "qlora"])
@@ -45,6 +45,54 @@ def test_estimator_qlora_optimizer_rule():
     opt.step()
     est = estimate_memory(a, "qlora", 1, 8, rank=16, targets=["q_proj", "v_proj", "down_proj"])
     assert est["optimizer_states"] == opt.state_bytes()
+
+
+def _saved_activation_bytes(args, dtype, targets, dropout, nf4=False):
+    """Bytes of the distinct storages autograd keeps for backward over one training forward
+    (two packed examples), parameters and NF4 buffers excluded."""
+    from model import Llama
+    from nf4 import NF4Linear
+    torch.manual_seed(0)
+    model = Llama(args).to(dtype)
+    if nf4:
+        for name, mod in list(model.named_modules()):
+            for attr, child in list(mod.named_children()):
+                if isinstance(child, torch.nn.Linear) and name.startswith("model.layers"):
+                    setattr(mod, attr, NF4Linear.from_weight(child.weight, None, dtype))
+    apply_lora(model, targets, r=4, alpha=8, dropout=dropout)
+    model.train()
+    ids = torch.randint(0, args.vocab_size, (1, 40))
+    seg = torch.tensor([[1] * 15 + [2] * 25])
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {t.untyped_storage().data_ptr() for t in model.buffers()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum(model, ids, ids, seg)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("targets,dropout,nf4", [(list(ALL_TARGETS), 0.1, False), (list(ALL_TARGETS), 0.0, True),
+                                                 (["q_proj", "v_proj"], 0.0, False), (["o_proj", "down_proj"], 0.1, True)])
+def test_estimator_activations_are_what_autograd_saves(dtype, targets, dropout, nf4):
+    """The estimator's activation bytes equal the tensors autograd really keeps, exactly."""
+    from model import ModelArgs
+    a = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=160, vocab_size=300)
+    b = torch.finfo(dtype).bits // 8
+    got = _saved_activation_bytes(a, dtype, targets, dropout, nf4)
+    per_layer = got - _saved_activation_bytes(ModelArgs(**{**vars(a), "n_layers": 2}), dtype, targets, dropout, nf4)
+    assert per_layer == 40 * saved_bytes_per_token_layer(a, targets, 4, dropout, b)
+    est = estimate_memory(a, "qlora" if nf4 else "lora", 1, 40, rank=4, targets=targets, dtype_bytes=b, dropout=dropout)
+    if any(t in targets for t in ("q_proj", "k_proj", "v_proj")):
+        assert est["activations"] == got
+    else:   # the first block keeps no attention tensors then (no gradient reaches them); counted anyway
+        assert 0 < est["activations"] - got < per_layer
 
 
 def test_audit_report_has_every_section(tiny_run, tmp_path):
