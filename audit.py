@@ -72,11 +72,10 @@ def nf4_bytes(n: int, block=64) -> int:
     return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4
 
 
-def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8, dropout: float = 0.0,
-                                b: int = 2) -> int:
+def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8, b: int = 2) -> int:
     """Bytes that autograd keeps per token in one block until backward, as model.py and lora.py save
     them (b = bytes per value of the compute dtype). tests/test_audit.py checks this against the
-    tensors autograd really saves, in fp32 and bf16, with and without dropout."""
+    tensors autograd really saves, in fp32 and bf16, with and without dropout, over 16-bit and NF4 bases."""
     shapes = linear_shapes(a)
     t = [n for n in shapes if n in targets]
     q, kv, inter = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.intermediate_size
@@ -87,14 +86,13 @@ def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8
     # q/k/v and gate/up, o_proj's input (the attention output re-laid out) and down_proj's.
     inputs = a.dim * (any(n in t for n in ("q_proj", "k_proj", "v_proj")) + any(n in t for n in ("gate_proj", "up_proj")))
     inputs += q * ("o_proj" in t) + inter * ("down_proj" in t)
-    lora = len(t) * rank * b                     # each adapter's (tokens, r) product
-    masks = sum(shapes[n][0] for n in t) if dropout > 0 else 0   # 1-byte dropout masks
-    return norms + attn + mlp + inputs * b + lora + masks
+    lora = len(t) * rank * b                     # each adapter's (tokens, r) product (its dropout mask is redrawn)
+    return norms + attn + mlp + inputs * b + lora
 
 
 def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8, targets=ALL_TARGETS,
                     grad_checkpoint: bool = False, dtype_bytes: int = 2, paged_device: bool = False,
-                    tokens: int | None = None, dropout: float = 0.0) -> dict:
+                    tokens: int | None = None) -> dict:
     """Predicted peak bytes by kind for LoRA ('lora') or QLoRA ('qlora') training.
 
     Weights, adapters, gradients and optimizer states are counted exactly as this code stores them.
@@ -126,7 +124,7 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
     else:
         opt = 8 * lora_params + 4 * len(tensors) * a.n_layers   # AdamW: exp_avg, exp_avg_sq and a step tensor
     tokens = tokens or batch * seq
-    layer = saved_bytes_per_token_layer(a, targets, rank, dropout, b)
+    layer = saved_bytes_per_token_layer(a, targets, rank, b)
     act = tokens * a.n_layers * (a.dim * b if grad_checkpoint else layer)
     if grad_checkpoint:   # one block's activations exist again while it is recomputed for backward
         act += tokens * layer
@@ -136,8 +134,7 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
     # attention tensors either; we count them anyway, an overestimate of less than one block.)
     act += tokens * (2 * a.head_dim * b + a.dim * b + 1)
     chunk = min(tokens, LMHeadLoss.CHUNK)
-    # fp32 logits of one chunk and two temporaries of logsumexp (+ the matmul output if not fp32)
-    lm_head = chunk * a.vocab_size * (3 * 4 + (b if b != 4 else 0))
+    lm_head = chunk * a.vocab_size * (4 + (b if b != 4 else 0))   # one chunk's fp32 logits (+ the matmul's output)
     block = tokens * 4 * a.intermediate_size * b + (max(i * o for i, o in shapes.values()) * b if mode == "qlora" else 0)
     out = dict(base_weights=int(base), adapters=int(adapters), gradients=int(grads), optimizer_states=int(opt),
                activations=int(act), transient=int(max(lm_head, block)))
@@ -205,7 +202,7 @@ def main(argv=None):
         args = preset_args(a.preset) if a.preset else ModelArgs.from_hf_config(json.loads(Path(a.config).read_text()))
         for mode in ("lora", "qlora"):
             e = estimate_memory(args, mode, cfg.batch_size, cfg.seq_len, cfg.rank, cfg.targets.split(","),
-                                cfg.grad_checkpoint, 2, paged_device=True, dropout=cfg.dropout)
+                                cfg.grad_checkpoint, 2, paged_device=True)
             print(f"{mode:6s} " + ", ".join(f"{k} {v / 2**30:.2f} GB" for k, v in e.items()))
         return
 
@@ -283,7 +280,7 @@ def main(argv=None):
         on_gpu = r["device"].startswith("cuda")
         e = estimate_memory(args, m, cfg.batch_size, cfg.seq_len, cfg.rank, cfg.targets.split(","), cfg.grad_checkpoint,
                             4 if r["dtype"] == "float32" else 2, tokens=r["max_tokens_per_micro_batch"],
-                            dropout=cfg.dropout, paged_device=on_gpu and (cfg.optim or "paged").startswith("paged") and m == "qlora")
+                            paged_device=on_gpu and (cfg.optim or "paged").startswith("paged") and m == "qlora")
         runtime = 0 if on_gpu else (r["runtime_rss"] or 0)   # CUDA's max_memory_allocated counts tensors only
         est[m] = dict(e, runtime=runtime, predicted_peak=e["total"] + runtime, measured_peak=r["peak_mem"],
                       error=(e["total"] + runtime) / r["peak_mem"] - 1)
@@ -292,8 +289,7 @@ def main(argv=None):
     big = {}
     for name in ("Llama-3.2-1B", "Llama-2-7B", "Llama-3-8B", "Llama-2-13B", "Llama-2-70B"):
         pa = preset_args(name)
-        big[name] = {m: estimate_memory(pa, m, 1, 512, cfg.rank, cfg.targets.split(","), True, 2, paged_device=True,
-                                        dropout=cfg.dropout)
+        big[name] = {m: estimate_memory(pa, m, 1, 512, cfg.rank, cfg.targets.split(","), True, 2, paged_device=True)
                      for m in ("lora", "qlora")}
         big[name]["params"] = sum(i * o for i, o in linear_shapes(pa).values()) * pa.n_layers + pa.vocab_size * pa.dim * (1 if pa.tie_embeddings else 2)
 

@@ -240,10 +240,14 @@ class LMHeadLoss(torch.autograd.Function):
         for i in range(0, h.shape[0], LMHeadLoss.CHUNK):
             t = targets[i:i + LMHeadLoss.CHUNK]
             logits = (h[i:i + LMHeadLoss.CHUNK] @ weight.T).float()
-            lse = logits.logsumexp(-1)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            # log-sum-exp and softmax in place of the logits: one (chunk, vocab) buffer, no temporaries
+            top = logits.amax(-1, keepdim=True)
+            p = logits.sub_(top).exp_()
+            total = p.sum(-1, keepdim=True)
+            loss += (total.log() + top - target_logit[:, None]).sum()
             if grad is not None:
-                p = logits.sub_(lse[:, None]).exp_()                 # softmax, in place of the logits
+                p.div_(total)                                         # softmax
                 p[torch.arange(len(t), device=t.device), t] -= 1      # d CE / d logits = softmax - onehot
                 grad[i:i + LMHeadLoss.CHUNK] = p.to(h.dtype) @ weight
         ctx.save_for_backward(grad if grad is not None else h.new_empty(0))

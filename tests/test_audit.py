@@ -87,8 +87,8 @@ def test_estimator_activations_are_what_autograd_saves(dtype, targets, dropout, 
     b = torch.finfo(dtype).bits // 8
     got = _saved_activation_bytes(a, dtype, targets, dropout, nf4)
     per_layer = got - _saved_activation_bytes(ModelArgs(**{**vars(a), "n_layers": 2}), dtype, targets, dropout, nf4)
-    assert per_layer == 40 * saved_bytes_per_token_layer(a, targets, 4, dropout, b)
-    est = estimate_memory(a, "qlora" if nf4 else "lora", 1, 40, rank=4, targets=targets, dtype_bytes=b, dropout=dropout)
+    assert per_layer == 40 * saved_bytes_per_token_layer(a, targets, 4, b)
+    est = estimate_memory(a, "qlora" if nf4 else "lora", 1, 40, rank=4, targets=targets, dtype_bytes=b)
     if any(t in targets for t in ("q_proj", "k_proj", "v_proj")):
         assert est["activations"] == got
     else:   # the first block keeps no attention tensors then (no gradient reaches them); counted anyway

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from lora import LoRALinear, apply_lora, load_adapter, merge_lora, save_adapter, unmerge_lora
+from lora import LoRALinear, _dropout_mask, apply_lora, load_adapter, merge_lora, save_adapter, unmerge_lora
 from model import load_model
 from nf4 import NF4Linear, dequantize_nf4
 
@@ -157,7 +157,7 @@ def test_mismatched_adapters_fail_clearly(tmp_path, tiny_ckpt):
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_lora_path_gradients_match_autograd(p):
-    """Our in-place LoRA autograd function (1-byte mask saved) against plain autograd with the same mask."""
+    """Our in-place LoRA autograd function (mask redrawn in backward) against plain autograd with the same mask."""
     torch.manual_seed(0)
     layer = LoRALinear(torch.nn.Linear(32, 24), r=4, alpha=8, dropout=p).train()
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_lora_path_gradients_match_autograd(p):
     g = torch.randn_like(y)
     y.backward(g)
     torch.manual_seed(1)
-    mask = torch.rand_like(x) >= p if p > 0 else torch.ones_like(x, dtype=torch.bool)
+    mask = _dropout_mask(x, p, int(torch.randint(0, 2**62, (1,)))) if p > 0 else torch.ones_like(x, dtype=torch.bool)
     A, B = layer.lora_A.weight.detach().requires_grad_(), layer.lora_B.weight.detach().requires_grad_()
     x2 = x.detach().requires_grad_()
     ref = layer.base(x2) + (x2 * mask / (1 - p)) @ A.T @ B.T * layer.scaling
@@ -176,3 +176,13 @@ def test_lora_path_gradients_match_autograd(p):
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
     for ours, want in ((x.grad, x2.grad), (layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad)):
         torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_mask_rate_and_redraw():
+    """The mask drops a share p of the values (within 6 standard deviations over 2M draws), and the
+    same seed redraws the same mask, which is what lets backward skip storing it."""
+    x = torch.empty(2000, 1000)
+    for p in (0.05, 0.3):
+        m = _dropout_mask(x, p, 123)
+        assert abs((1 - m.float().mean().item()) - p) < 6 * (p * (1 - p) / m.numel()) ** 0.5
+        assert torch.equal(m, _dropout_mask(x, p, 123)) and not torch.equal(m, _dropout_mask(x, p, 124))
