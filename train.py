@@ -124,9 +124,9 @@ def limit_heap_retention():
     3.5 GB for ~1.5 GB of live tensors. Even at a fixed 1 MB threshold, big blocks are served from
     free heap space that smaller saved tensors (per-segment attention outputs, dropout masks) keep
     fragmented: forward grew 70-100 KB per token and layer for 41 KB of saved tensors (2.2 GB peak).
-    At 256 KB the heap holds only small objects: ~48 KB per token and layer (the saved tensors plus
-    the lm_head chunk), 1.7 GB peak, for ~15% of speed (fresh pages cost ~1 us each to fault in
-    on this VM)."""
+    At 256 KB the heap holds only small objects and the peak is the saved tensors plus one loss
+    chunk (1.54 GB for the default QLoRA run), for 10-20% of speed (a fresh page costs ~1 us to
+    fault in on this VM)."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").mallopt(-3, 256 << 10)   # -3 = M_MMAP_THRESHOLD
