@@ -100,6 +100,7 @@ def merge(model: str, adapter: str, out: str, dtype=torch.bfloat16, requantize: 
         raise ValueError(f"--requantize {requantize!r}: only nf4")
     read_adapter(adapter)
     check_adapter_fits(model, adapter)   # before anything is written
+    base_args(model).to_hf_config()      # raises now, not after the merge, if config.json cannot describe the base
     # Compute in fp32 on CPU (bf16 matmuls are ~50x slower there); the files are written in `dtype`.
     compute = None if (device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu" else torch.float32
     tok = load_tokenizer(model)

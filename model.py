@@ -77,6 +77,9 @@ class ModelArgs:
             attention_bias=cfg.get("attention_bias", mt == "qwen2"), model_type=mt, extra=cfg)
 
     def to_hf_config(self) -> dict:
+        if self.rope_scaling and self.rope_scaling["rope_type"] == "freq_factors":
+            raise ValueError("this model's RoPE scaling came from a GGUF rope_freqs tensor, which config.json cannot "
+                             "express; use the model's HF folder as the base to write an HF folder")
         cfg = dict(self.extra)
         cfg.update(model_type=self.model_type, architectures=[_ARCH[self.model_type]], hidden_size=self.dim,
                    num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
@@ -118,12 +121,14 @@ class RMSNorm(nn.Module):
 
 
 def precompute_rope(args: ModelArgs, device=None) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with llama3 or linear scaling applied."""
+    """Inverse frequencies (head_dim/2,), with llama3, linear or GGUF per-frequency scaling applied."""
     hd = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
     s = args.rope_scaling
     if s and s["rope_type"] == "linear":
         inv_freq = inv_freq / s["factor"]
+    elif s and s["rope_type"] == "freq_factors":   # from a GGUF's rope_freqs tensor: the same llama3 curve, tabulated
+        inv_freq = inv_freq / torch.tensor(s["factors"], dtype=torch.float32, device=device)
     elif s and s["rope_type"] == "llama3":
         # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth ramp between.
         factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
@@ -543,16 +548,17 @@ def gguf_args(reader, where) -> ModelArgs:
     dim = g("embedding_length")
     vocab = g("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     tied = "output.weight" not in {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in {t.name for t in reader.tensors}:
-        raise ValueError(f"{where}: GGUF with a rope_freqs tensor (Llama 3.1 rope scaling) is not "
-                         "supported; load the HF folder instead")
     cfg = dict(model_type="llama", hidden_size=dim, num_hidden_layers=g("block_count"),
                num_attention_heads=n_heads, num_key_value_heads=g("attention.head_count_kv", n_heads),
                head_dim=g("attention.key_length", dim // n_heads), intermediate_size=g("feed_forward_length"),
                vocab_size=vocab, rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
                rope_theta=float(g("rope.freq_base", 10000.0)), max_position_embeddings=g("context_length", 4096),
                tie_word_embeddings=tied)
-    return ModelArgs.from_hf_config(cfg, where)
+    args = ModelArgs.from_hf_config(cfg, where)
+    freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    if freqs:   # llama.cpp stores Llama 3.1/3.2's RoPE scaling as one divisor per frequency
+        args.rope_scaling = dict(rope_type="freq_factors", factors=[float(x) for x in freqs[0].data])
+    return args
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -573,6 +579,8 @@ def read_gguf(path: Path):
 
     def tensors():
         for t in reader.tensors:
+            if t.name == "rope_freqs.weight":   # already in args.rope_scaling
+                continue
             name = gguf_name(t.name, str(path))
             shape = tuple(int(s) for s in reversed(t.shape))   # GGUF lists dims fastest-first
             w = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(shape).astype("float32"))
@@ -671,6 +679,7 @@ def atomic_dir(out: Path, write) -> Path:
 def save_hf_folder(out: Path, args: ModelArgs, tensors, shard_bytes: int = 2 << 30, config_extra=None):
     """Write config.json and (sharded) safetensors from an iterator of (name, tensor), a shard at a time."""
     from safetensors.torch import save_file
+    cfg = args.to_hf_config()   # first: it refuses what config.json cannot describe, before any file is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shard, size, shards, weight_map = {}, 0, [], {}
@@ -698,6 +707,5 @@ def save_hf_folder(out: Path, args: ModelArgs, tensors, shard_bytes: int = 2 << 
             (out / f"model-{i:05d}.safetensors").rename(out / f"model-{i:05d}-of-{n:05d}.safetensors")
         weight_map = {k: v.replace(".safetensors", f"-of-{n:05d}.safetensors") for k, v in weight_map.items()}
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    cfg = args.to_hf_config()
     cfg.update(config_extra or {})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))

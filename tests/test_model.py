@@ -270,3 +270,52 @@ def test_gguf_sentencepiece_vocab_equals_sentencepiece(tmp_path):
         assert tok.encode(t) == sp.encode(t), t
         assert tok.decode(tok.encode(t)) == sp.decode(sp.encode(t))
     assert (tok.bos_id, tok.eos_id) == (1, 2)
+
+
+def test_gguf_rope_freqs_equals_transformers_llama3(tmp_path):
+    """A Llama 3.1-style GGUF, written as llama.cpp's converter does (q/k permuted, the llama3 RoPE
+    scaling as a rope_freqs tensor of per-frequency divisors), gives transformers' logits for the
+    HF checkpoint it came from. Writing it back as an HF folder is refused: config.json cannot say it."""
+    import math
+    import gguf
+    import numpy as np
+    from merge import gguf_tensor_name, permute_qk
+    hf = make_hf_checkpoint(tmp_path / "hf", "llama3_scaling")
+    c, rp = hf.config, VARIANTS["llama3_scaling"][1]["rope_parameters"]
+    hd = c.hidden_size // c.num_attention_heads
+    factors = []   # llama.cpp convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors
+    for f in 1.0 / (rp["rope_theta"] ** (np.arange(0, hd, 2, dtype=np.float32) / hd)):
+        wavelen, old = 2 * math.pi / f, rp["original_max_position_embeddings"]
+        if wavelen < old / rp["high_freq_factor"]:
+            factors.append(1.0)
+        elif wavelen > old / rp["low_freq_factor"]:
+            factors.append(rp["factor"])
+        else:
+            smooth = (old / wavelen - rp["low_freq_factor"]) / (rp["high_freq_factor"] - rp["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / rp["factor"] + smooth))
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(rp["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
+    for name, t in hf.state_dict().items():
+        t = t.detach().float()
+        if name.endswith("q_proj.weight"):
+            t = permute_qk(t, c.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            t = permute_qk(t, c.num_key_value_heads)
+        w.add_tensor(gguf_tensor_name(name), t.numpy())
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    ours = load_model(tmp_path / "m.gguf", torch.float32, device="cpu")
+    ids = torch.randint(0, c.vocab_size, (2, 200))   # past original_max_position_embeddings (32): scaling matters
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="rope_freqs"):
+        save_hf_folder(tmp_path / "out", ours.args, model_tensors(ours))
+    assert not (tmp_path / "out").exists()
