@@ -67,6 +67,7 @@ class TrainConfig:
     seed: int = 0                   # data order, adapter init, dropout
     device: str = ""                # cpu | cuda (default: cuda if available)
     dtype: str = ""                 # float32 | bfloat16 | float16 (default: bf16 on GPU, the faster of fp32/bf16 on CPU)
+    cpu_mmap_kb: int = 256          # CPU: allocations over this many KB get their own mapping (lower: less memory, slower)
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -115,8 +116,8 @@ def pick_device_dtype(cfg):
     return device, torch.bfloat16 if best_time(torch.bfloat16) < 0.8 * best_time(torch.float32) else torch.float32
 
 
-def limit_heap_retention():
-    """On CPU, send every allocation over 256 KB to its own mapping, returned to the OS when freed,
+def limit_heap_retention(kb: int = 256):
+    """On CPU, send every allocation over `kb` KB to its own mapping, returned to the OS when freed,
     so that resident memory follows the live tensors (what the audit's estimator counts).
 
     glibc raises its mmap threshold as large blocks are freed; activations then come from the heap,
@@ -129,7 +130,7 @@ def limit_heap_retention():
     in on this VM, and steps ran at 95 tokens/s against 121-135 at 1 MB."""
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 256 << 10)   # -3 = M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, kb << 10)   # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass   # not glibc
 
@@ -289,6 +290,8 @@ def train(cfg: TrainConfig) -> dict:
     cfg.optim = cfg.optim or ("paged_adamw8bit" if cfg.qlora else "adamw")
     if cfg.optim not in ("adamw", "adamw8bit", "paged_adamw8bit"):
         raise ValueError(f"--optim {cfg.optim!r}: choose adamw, adamw8bit or paged_adamw8bit")
+    if not 0 < cfg.cpu_mmap_kb <= 32 << 10:
+        raise ValueError(f"--cpu-mmap-kb {cfg.cpu_mmap_kb}: choose 1 to 32768 (glibc's largest mmap threshold is 32 MB)")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device, dtype = pick_device_dtype(cfg)
     if world > 1:
@@ -299,7 +302,7 @@ def train(cfg: TrainConfig) -> dict:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     if device.type == "cpu":
-        limit_heap_retention()
+        limit_heap_retention(cfg.cpu_mmap_kb)
     out = check_out_dir(cfg)
     t_start = time.time()
 

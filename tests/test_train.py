@@ -109,6 +109,10 @@ def test_targets_matching_nothing(tiny_run, tmp_path):
     _fails(_cfg(tiny_run, tmp_path, targets="c_attn"), "match no linear layer")
 
 
+def test_bad_mmap_threshold(tiny_run, tmp_path):
+    _fails(_cfg(tiny_run, tmp_path, cpu_mmap_kb=0), "--cpu-mmap-kb 0: choose 1 to 32768")
+
+
 def test_seq_len_above_model_limit(tiny_run, tmp_path):
     _fails(_cfg(tiny_run, tmp_path, seq_len=4096), "above the model's limit of 256")
 
