@@ -72,7 +72,8 @@ def nf4_bytes(n: int, block=64) -> int:
     return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4
 
 
-def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8, b: int = 2) -> int:
+def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8, b: int = 2,
+                                packed: bool = False) -> int:
     """Bytes that autograd keeps per token in one block until backward, as model.py and lora.py save
     them (b = bytes per value of the compute dtype). tests/test_audit.py checks this against the
     tensors autograd really saves, in fp32 and bf16, with and without dropout, over 16-bit and NF4 bases."""
@@ -83,16 +84,18 @@ def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8
     attn = (2 * q + 2 * kv) * b + a.n_heads * 4  # q, k, v after RoPE, the attention output, its fp32 log-sum-exp
     mlp = 2 * inter * b                          # gate and up (SwiGLU recomputes the rest)
     # An adapter keeps its input (a frozen linear alone keeps nothing): the norm outputs feeding
-    # q/k/v and gate/up, o_proj's input (the attention output re-laid out) and down_proj's.
+    # q/k/v and gate/up, and down_proj's. o_proj's input is the attention output itself (a view),
+    # except when a row holds several examples (packed; CPU micro-batches): attention then runs per
+    # example and o_proj gets their concatenation, a second copy.
     inputs = a.dim * (any(n in t for n in ("q_proj", "k_proj", "v_proj")) + any(n in t for n in ("gate_proj", "up_proj")))
-    inputs += q * ("o_proj" in t) + inter * ("down_proj" in t)
+    inputs += q * ("o_proj" in t and packed) + inter * ("down_proj" in t)
     lora = len(t) * rank * b                     # each adapter's (tokens, r) product (its dropout mask is redrawn)
     return norms + attn + mlp + inputs * b + lora
 
 
 def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8, targets=ALL_TARGETS,
                     grad_checkpoint: bool = False, dtype_bytes: int = 2, paged_device: bool = False,
-                    tokens: int | None = None) -> dict:
+                    tokens: int | None = None, packed: bool = False) -> dict:
     """Predicted peak bytes by kind for LoRA ('lora') or QLoRA ('qlora') training.
 
     Weights, adapters, gradients and optimizer states are counted exactly as this code stores them.
@@ -100,7 +103,8 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
     checkpointing, plus one block recomputed); transient is the largest temporary on top of them:
     the lm_head loss chunk's fp32 logits, or a dequantized NF4 weight with a block's backward
     temporaries.
-    tokens = real tokens in a micro-batch (default batch * seq). paged_device: QLoRA's paged
+    tokens = real tokens in a micro-batch (default batch * seq); packed = rows hold several examples
+    (train.py on CPU, or --pack). paged_device: QLoRA's paged
     optimizer states live in host memory, not on the GPU. Not counted: the runtime (Python and
     libraries, a CUDA context) and allocator slack; the audit measures the first on CPU."""
     b = dtype_bytes
@@ -124,7 +128,7 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
     else:
         opt = 8 * lora_params + 4 * len(tensors) * a.n_layers   # AdamW: exp_avg, exp_avg_sq and a step tensor
     tokens = tokens or batch * seq
-    layer = saved_bytes_per_token_layer(a, targets, rank, b)
+    layer = saved_bytes_per_token_layer(a, targets, rank, b, packed)
     act = tokens * a.n_layers * (a.dim * b if grad_checkpoint else layer)
     if grad_checkpoint:   # one block's activations exist again while it is recomputed for backward
         act += tokens * layer
@@ -202,7 +206,7 @@ def main(argv=None):
         args = preset_args(a.preset) if a.preset else ModelArgs.from_hf_config(json.loads(Path(a.config).read_text()))
         for mode in ("lora", "qlora"):
             e = estimate_memory(args, mode, cfg.batch_size, cfg.seq_len, cfg.rank, cfg.targets.split(","),
-                                cfg.grad_checkpoint, 2, paged_device=True)
+                                cfg.grad_checkpoint, 2, paged_device=True, packed=cfg.pack)
             print(f"{mode:6s} " + ", ".join(f"{k} {v / 2**30:.2f} GB" for k, v in e.items()))
         return
 
@@ -280,6 +284,7 @@ def main(argv=None):
         on_gpu = r["device"].startswith("cuda")
         e = estimate_memory(args, m, cfg.batch_size, cfg.seq_len, cfg.rank, cfg.targets.split(","), cfg.grad_checkpoint,
                             4 if r["dtype"] == "float32" else 2, tokens=r["max_tokens_per_micro_batch"],
+                            packed=cfg.pack or (not on_gpu and cfg.batch_size > 1),
                             paged_device=on_gpu and (cfg.optim or "paged").startswith("paged") and m == "qlora")
         runtime = 0 if on_gpu else (r["runtime_rss"] or 0)   # CUDA's max_memory_allocated counts tensors only
         est[m] = dict(e, runtime=runtime, predicted_peak=e["total"] + runtime, measured_peak=r["peak_mem"],

@@ -47,9 +47,9 @@ def test_estimator_qlora_optimizer_rule():
     assert est["optimizer_states"] == opt.state_bytes()
 
 
-def _saved_activation_bytes(args, dtype, targets, dropout, nf4=False):
+def _saved_activation_bytes(args, dtype, targets, dropout, nf4=False, packed=True):
     """Bytes of the distinct storages autograd keeps for backward over one training forward
-    (two packed examples), parameters and NF4 buffers excluded."""
+    (two packed examples in a row, or one sequence), parameters and NF4 buffers excluded."""
     from model import Llama
     from nf4 import NF4Linear
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def _saved_activation_bytes(args, dtype, targets, dropout, nf4=False):
     apply_lora(model, targets, r=4, alpha=8, dropout=dropout)
     model.train()
     ids = torch.randint(0, args.vocab_size, (1, 40))
-    seg = torch.tensor([[1] * 15 + [2] * 25])
+    seg = torch.tensor([[1] * 15 + [2] * 25]) if packed else None
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {t.untyped_storage().data_ptr() for t in model.buffers()}
     seen = {}
@@ -78,17 +78,18 @@ def _saved_activation_bytes(args, dtype, targets, dropout, nf4=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("targets,dropout,nf4", [(list(ALL_TARGETS), 0.1, False), (list(ALL_TARGETS), 0.0, True),
-                                                 (["q_proj", "v_proj"], 0.0, False), (["o_proj", "down_proj"], 0.1, True)])
-def test_estimator_activations_are_what_autograd_saves(dtype, targets, dropout, nf4):
+@pytest.mark.parametrize("targets,dropout,nf4,packed", [
+    (list(ALL_TARGETS), 0.1, False, True), (list(ALL_TARGETS), 0.0, True, True), (list(ALL_TARGETS), 0.1, True, False),
+    (["q_proj", "v_proj"], 0.0, False, True), (["o_proj", "down_proj"], 0.1, True, True)])
+def test_estimator_activations_are_what_autograd_saves(dtype, targets, dropout, nf4, packed):
     """The estimator's activation bytes equal the tensors autograd really keeps, exactly."""
     from model import ModelArgs
     a = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=160, vocab_size=300)
     b = torch.finfo(dtype).bits // 8
-    got = _saved_activation_bytes(a, dtype, targets, dropout, nf4)
-    per_layer = got - _saved_activation_bytes(ModelArgs(**{**vars(a), "n_layers": 2}), dtype, targets, dropout, nf4)
-    assert per_layer == 40 * saved_bytes_per_token_layer(a, targets, 4, b)
-    est = estimate_memory(a, "qlora" if nf4 else "lora", 1, 40, rank=4, targets=targets, dtype_bytes=b)
+    got = _saved_activation_bytes(a, dtype, targets, dropout, nf4, packed)
+    per_layer = got - _saved_activation_bytes(ModelArgs(**{**vars(a), "n_layers": 2}), dtype, targets, dropout, nf4, packed)
+    assert per_layer == 40 * saved_bytes_per_token_layer(a, targets, 4, b, packed)
+    est = estimate_memory(a, "qlora" if nf4 else "lora", 1, 40, rank=4, targets=targets, dtype_bytes=b, packed=packed)
     if any(t in targets for t in ("q_proj", "k_proj", "v_proj")):
         assert est["activations"] == got
     else:   # the first block keeps no attention tensors then (no gradient reaches them); counted anyway
