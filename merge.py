@@ -178,18 +178,7 @@ def write_gguf(m, tok, source, path: Path, kind: str):
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), "llama")
     w.add_name(Path(str(source)).stem)
-    w.add_block_count(a.n_layers)
-    w.add_context_length(a.max_seq_len)
-    w.add_embedding_length(a.dim)
-    w.add_feed_forward_length(a.intermediate_size)
-    w.add_head_count(a.n_heads)
-    w.add_head_count_kv(a.n_kv_heads)
-    w.add_key_length(a.head_dim)
-    w.add_value_length(a.head_dim)
-    w.add_rope_dimension_count(a.head_dim)
-    w.add_rope_freq_base(a.rope_theta)
-    w.add_layer_norm_rms_eps(a.norm_eps)
-    w.add_vocab_size(a.vocab_size)
+    add_gguf_llama_shape(w, a)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if kind == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
     add_gguf_tokenizer(w, tok, source, a.vocab_size)
     qtype = gguf.GGMLQuantizationType.Q8_0 if kind == "q8_0" else gguf.GGMLQuantizationType.F16
@@ -211,6 +200,22 @@ def write_gguf(m, tok, source, path: Path, kind: str):
     w.write_tensors_to_file()
     w.close()
     tmp.rename(path)
+
+
+def add_gguf_llama_shape(w, a: ModelArgs):
+    """The llama.* keys that give a GGUF model's shape, as llama.cpp's converter writes them."""
+    w.add_block_count(a.n_layers)
+    w.add_context_length(a.max_seq_len)
+    w.add_embedding_length(a.dim)
+    w.add_feed_forward_length(a.intermediate_size)
+    w.add_head_count(a.n_heads)
+    w.add_head_count_kv(a.n_kv_heads)
+    w.add_key_length(a.head_dim)
+    w.add_value_length(a.head_dim)
+    w.add_rope_dimension_count(a.head_dim)
+    w.add_rope_freq_base(a.rope_theta)
+    w.add_layer_norm_rms_eps(a.norm_eps)
+    w.add_vocab_size(a.vocab_size)
 
 
 def add_gguf_tokenizer(w, tok, source, vocab_size):

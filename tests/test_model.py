@@ -279,7 +279,7 @@ def test_gguf_rope_freqs_equals_transformers_llama3(tmp_path):
     import math
     import gguf
     import numpy as np
-    from merge import gguf_tensor_name, permute_qk
+    from merge import add_gguf_llama_shape, gguf_tensor_name, permute_qk
     hf = make_hf_checkpoint(tmp_path / "hf", "llama3_scaling")
     c, rp = hf.config, VARIANTS["llama3_scaling"][1]["rope_parameters"]
     hd = c.hidden_size // c.num_attention_heads
@@ -294,15 +294,7 @@ def test_gguf_rope_freqs_equals_transformers_llama3(tmp_path):
             smooth = (old / wavelen - rp["low_freq_factor"]) / (rp["high_freq_factor"] - rp["low_freq_factor"])
             factors.append(1 / ((1 - smooth) / rp["factor"] + smooth))
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(rp["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
+    add_gguf_llama_shape(w, ModelArgs.from_hf_config(json.loads((tmp_path / "hf/config.json").read_text())))
     w.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
     for name, t in hf.state_dict().items():
         t = t.detach().float()
