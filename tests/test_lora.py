@@ -155,14 +155,18 @@ def test_mismatched_adapters_fail_clearly(tmp_path, tiny_ckpt):
         load_adapter(_tiny(path), tmp_path / "ad")
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_lora_path_gradients_match_autograd(p):
+def test_lora_path_gradients_match_autograd(p, device):
     """Our in-place LoRA autograd function (mask redrawn in backward) against plain autograd with the same mask."""
     torch.manual_seed(0)
-    layer = LoRALinear(torch.nn.Linear(32, 24), r=4, alpha=8, dropout=p).train()
+    layer = LoRALinear(torch.nn.Linear(32, 24, device=device), r=4, alpha=8, dropout=p).train()
     with torch.no_grad():
         layer.lora_B.weight.normal_()
-    x = torch.randn(2, 5, 32, requires_grad=True)
+    x = torch.randn(2, 5, 32, requires_grad=True, device=device)
     torch.manual_seed(1)
     y = layer(x)
     g = torch.randn_like(y)
@@ -178,10 +182,11 @@ def test_lora_path_gradients_match_autograd(p):
         torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
 
 
-def test_dropout_mask_rate_and_redraw():
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_mask_rate_and_redraw(device):
     """The mask drops a share p of the values (within 6 standard deviations over 2M draws), and the
     same seed redraws the same mask, which is what lets backward skip storing it."""
-    x = torch.empty(2000, 1000)
+    x = torch.empty(2000, 1000, device=device)
     for p in (0.05, 0.3):
         m = _dropout_mask(x, p, 123)
         assert abs((1 - m.float().mean().item()) - p) < 6 * (p * (1 - p) / m.numel()) ** 0.5
