@@ -155,12 +155,12 @@ def eval_model(model, batches, keep_logprobs: int = 0):
     model.eval()
     total, n, kept = 0.0, 0, []
     for ids, tgt in batches:
-        h = model.hidden(ids)
         keep = tgt != IGNORE
-        total += LMHeadLoss.apply(h[keep], model.lm_head.weight, tgt[keep]).item()
-        n += int(keep.sum())
+        h = model.hidden(ids)[keep]
+        total += LMHeadLoss.apply(h, model.lm_head.weight, tgt[keep]).item()
+        n += len(h)
         if sum(len(k) for k in kept) < keep_logprobs:
-            kept.append((h[keep] @ model.lm_head.weight.T).float().log_softmax(-1)[:keep_logprobs])
+            kept.append((h @ model.lm_head.weight.T).float().log_softmax(-1)[:keep_logprobs])
     lp = torch.cat(kept)[:keep_logprobs] if kept else None
     return total / n, lp
 

@@ -47,9 +47,13 @@ def base_args(source) -> ModelArgs:
     return ModelArgs.from_hf_config(json.loads((p / "config.json").read_text()), str(p / "config.json"))
 
 
-def check_adapter_fits(source, adapter):
-    """Load the adapter into a weightless (meta) copy of the base: shape and target errors surface here."""
-    load_adapter(build_empty(base_args(source)), adapter)
+def check_base_and_adapter(source, adapter):
+    """Everything that can refuse a merge, checked before any weight is loaded or file written: the
+    adapter loaded into a weightless (meta) copy of the base surfaces shape and target errors, and
+    the base's config.json is built (it refuses what it cannot describe)."""
+    args = base_args(source)
+    load_adapter(build_empty(args), adapter)
+    args.to_hf_config()
 
 
 @torch.no_grad()
@@ -99,8 +103,7 @@ def merge(model: str, adapter: str, out: str, dtype=torch.bfloat16, requantize: 
     if requantize not in (None, "nf4"):
         raise ValueError(f"--requantize {requantize!r}: only nf4")
     read_adapter(adapter)
-    check_adapter_fits(model, adapter)   # before anything is written
-    base_args(model).to_hf_config()      # raises now, not after the merge, if config.json cannot describe the base
+    check_base_and_adapter(model, adapter)   # before anything is written
     # Compute in fp32 on CPU (bf16 matmuls are ~50x slower there); the files are written in `dtype`.
     compute = None if (device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu" else torch.float32
     tok = load_tokenizer(model)

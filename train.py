@@ -135,18 +135,17 @@ def limit_heap_retention(kb: int = 256):
         pass   # not glibc
 
 
-def current_rss() -> int:
-    """Resident bytes of this process now."""
+def status_bytes(field: str) -> int:
+    """A memory line of /proc/self/status in bytes: VmRSS (resident now), VmHWM (peak resident)."""
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
 
 
 def peak_memory(device) -> int:
     """Peak bytes: CUDA max allocated, or the process's peak RSS (VmHWM) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    return status_bytes("VmHWM")
 
 
 def memory_breakdown(model, opt) -> dict:
@@ -414,8 +413,9 @@ def train(cfg: TrainConfig) -> dict:
                 loss = loss_sum(model, ids, tgt, seg) / n_tok.item()
                 loss.backward()
                 loss_total += loss.item()
-                tokens_seen += sum(len(ex[0]) for ex in m)   # real tokens, padding not counted
-                max_micro_tokens = max(max_micro_tokens, sum(len(ex[0]) for ex in m))
+                n_real = sum(len(ex[0]) for ex in m)   # real tokens, padding not counted
+                tokens_seen += n_real
+                max_micro_tokens = max(max_micro_tokens, n_real)
             if world > 1:   # one all-reduce of all adapter gradients (a few MB), summed: already normalized
                 flat_g = torch.cat([p.grad.reshape(-1) for p in params])
                 dist.all_reduce(flat_g)
@@ -436,7 +436,7 @@ def train(cfg: TrainConfig) -> dict:
                     # tokenizer, the data): RSS between two steps, less the weights, adapters and
                     # optimizer states alive then (gradients are freed).
                     live = memory_breakdown(model, opt)
-                    runtime_rss = current_rss() - live["base_weights"] - live["adapters"] - live["optimizer_states"]
+                    runtime_rss = status_bytes("VmRSS") - live["base_weights"] - live["adapters"] - live["optimizer_states"]
             step += 1
             losses.append(loss_total)
             elapsed = time.time() - t0

@@ -22,7 +22,6 @@ def test_estimator_exact_for_weights_adapters_grads_optimizer(tiny_run, mode):
     model(torch.randint(0, 300, (1, 8))).sum().backward()
     opt.step()
     real = memory_breakdown(model, opt)
-    import audit
     est = estimate_memory(model.args, mode, 1, 8, rank=4, targets=targets, dtype_bytes=4)
     if mode == "qlora":   # the tiny adapters are under 4096 elements: the estimator's rule, with the test's threshold
         est["optimizer_states"] = sum(

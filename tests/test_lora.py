@@ -131,7 +131,6 @@ def test_we_load_peft_adapter(tmp_path, tiny_ckpt):
 
 
 def test_mismatched_adapters_fail_clearly(tmp_path, tiny_ckpt):
-    from conftest import make_hf_checkpoint
     path, _ = tiny_ckpt
     model = _tiny(path)
     apply_lora(model, ["q_proj"], r=4, alpha=8)

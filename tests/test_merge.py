@@ -1,11 +1,8 @@
 """merge.py: merged folders that transformers loads, requantized folders bitsandbytes loads, GGUF."""
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
-from lora import apply_lora, load_adapter, save_adapter
+from lora import apply_lora, save_adapter
 from merge import merge
 from model import load_model
 
