@@ -27,8 +27,9 @@ import torch
 
 from data import IGNORE, encode_example, load_examples, load_tokenizer, prompt_format
 from lora import ALL_TARGETS, load_adapter, merge_lora
-from merge import base_args, requantize_nf4
-from model import ModelArgs, load_model
+from formats import load_model, read_args
+from merge import requantize_nf4
+from model import ModelArgs
 from train import LMHeadLoss, TrainConfig
 
 GPU_SIZES_GB = (8, 12, 16, 24, 40, 80)
@@ -277,7 +278,7 @@ def main(argv=None):
     res["lora_merged_16bit"]["effect_kept"] = (res["base_16bit"]["eval_loss"] - res["lora_merged_16bit"]["eval_loss"]) / le
 
     # 4. the estimator, checked against the measured peaks (CPU: peak RSS = runtime + tensors)
-    args = base_args(cfg.model)
+    args = read_args(cfg.model)
     est = {}
     for m in ("lora", "qlora"):
         r = runs[m]

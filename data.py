@@ -12,10 +12,12 @@ A dataset line is either alpaca-style {"instruction", "input"?, "output"} or cha
 import json
 import random
 import re
-import tarfile
 from pathlib import Path
 
 import torch
+
+from defaults import default_data_path
+from formats import default_model_dir, gguf_tokenizer
 
 IGNORE = -100   # target id that carries no loss (cross_entropy's ignore_index)
 
@@ -46,10 +48,7 @@ def _from_hf_tokenizer(tk, bos, eos, template):
 
 
 def load_tokenizer(source) -> Tokenizer:
-    if str(source) == "default":
-        from model import default_model_dir
-        source = default_model_dir()
-    path = Path(source)
+    path = Path(default_model_dir() if str(source) == "default" else source)
     if path.suffix == ".gguf" and path.is_file():
         from gguf import GGUFReader
         return _from_hf_tokenizer(*gguf_tokenizer(GGUFReader(str(path)), str(path)))
@@ -79,75 +78,6 @@ def load_tokenizer(source) -> Tokenizer:
 
 def _read_json(p: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
-
-
-# The pre-tokenizer splits that llama.cpp names in `tokenizer.ggml.pre` (regexes from the HF tokenizer.json files).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def gguf_tokenizer(reader, where):
-    """Rebuild the tokenizer (tokenizers' Tokenizer) from a GGUF vocabulary: byte-level BPE or SentencePiece."""
-    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-    from model import gguf_field
-    kind = gguf_field(reader, "tokenizer.ggml.model")
-    if kind not in ("gpt2", "llama"):
-        raise ValueError(f"{where}: GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' or "
-                         "SentencePiece 'llama'); pass the HF folder with tokenizer.json or tokenizer.model instead")
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
-    types = gguf_field(reader, "tokenizer.ggml.token_type")
-    bos, eos = gguf_field(reader, "tokenizer.ggml.bos_token_id"), gguf_field(reader, "tokenizer.ggml.eos_token_id")
-    template = gguf_field(reader, "tokenizer.chat_template", "")
-    if kind == "llama":
-        return _spm_bpe_tokenizer(tokens, gguf_field(reader, "tokenizer.ggml.scores"), types), bos, eos, template
-    merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges") or []]
-    tk = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-    pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in ("llama-bpe", "qwen2"))
-    if pre == "smollm":
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    elif pre in ("llama-bpe", "qwen2"):
-        split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if pre == "llama-bpe" else _QWEN2_SPLIT), "isolated")
-        tk.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
-    else:
-        tk.pre_tokenizer = byte_level
-    tk.decoder = decoders.ByteLevel()
-    # Control (3) and user-defined (4) tokens match whole, before BPE, as HF's added tokens do.
-    tk.add_tokens([AddedToken(tokens[i], special=types[i] == 3, normalized=False)
-                   for i in range(len(tokens)) if types[i] in (3, 4)])
-    return tk, bos, eos, template
-
-
-def _spm_bpe_tokenizer(tokens, scores, types):
-    """A SentencePiece BPE vocabulary (llama.cpp's 'llama' model: pieces, scores, types) as a tokenizers
-    BPE. SentencePiece merges the pair whose result has the highest score; BPE applies merges in list
-    order, so the merge list is every split of every piece into two pieces, ordered by the piece's score."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = []
-    for piece, score in sorted(zip(tokens, scores), key=lambda x: -x[1]):
-        local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
-        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
-    unk = next((t for t, ty in zip(tokens, types) if ty == 2), None)
-    tk = HFTokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    # SentencePiece marks word starts with U+2581 and adds one at the very start (add_dummy_prefix).
-    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
-    tk.add_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                   for i in range(len(tokens)) if types[i] in (3, 4)])
-    return tk
-
-
-def save_tokenizer_files(reader, out: Path):
-    """tokenizer.json + tokenizer_config.json rebuilt from a GGUF, so the folder is a complete HF model."""
-    tk, bos, eos, template = gguf_tokenizer(reader, "gguf")
-    tk.save(str(Path(out) / "tokenizer.json"))
-    cfg = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=tk.id_to_token(bos), eos_token=tk.id_to_token(eos),
-               chat_template=template, model_max_length=8192, clean_up_tokenization_spaces=False)
-    (Path(out) / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,25 +217,6 @@ def split_eval(convs: list, n_eval: int, seed: int = 0):
     n_eval = min(n_eval, len(convs) // 5) if len(convs) < 5 * n_eval else n_eval
     ev = set(idx[:n_eval])
     return [c for i, c in enumerate(convs) if i not in ev], [c for i, c in enumerate(convs) if i in ev]
-
-
-DEFAULT_DATA = "alpaca-eval==0.6.6"
-
-
-def default_data_path() -> Path:
-    """AlpacaEval's 805 instruction/answer pairs as JSONL, fetched once as the package's sdist.
-    Its data licence is CC BY-NC 4.0, so we fetch it instead of shipping it."""
-    from model import cache_dir, pip_download
-    out = cache_dir() / "alpaca_eval.jsonl"
-    if not out.is_file():
-        sdist = pip_download(DEFAULT_DATA, cache_dir() / "downloads", "--no-binary", ":all:")
-        with tarfile.open(sdist) as tar:
-            member = next(m for m in tar.getmembers() if m.name.endswith("example/outputs.json"))
-            rows = json.load(tar.extractfile(member))
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(dict(instruction=r["instruction"], output=r["output"])) + "\n" for r in rows))
-        tmp.rename(out)
-    return out
 
 
 def load_examples(source="default", n_eval: int = 100, seed: int = 0):

@@ -13,7 +13,8 @@ import time
 import torch
 
 from data import load_tokenizer, prompt_format, render
-from model import KVCache, load_model
+from formats import load_model
+from model import KVCache
 
 
 @torch.no_grad()

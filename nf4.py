@@ -6,11 +6,9 @@ NF4 4-bit quantization with double quantization (QLoRA, Dettmers et al. 2023, ar
     storage: 4 + 8/64 + 32/(64*256) = 4.127 bits per weight
 
 Bit-exact with bitsandbytes' CPU `quantize_4bit` (same rounding, same nibble order: first element in
-the high nibble), and the files use the layout transformers + bitsandbytes write for 4-bit models.
-NF4Linear holds the packed weight in buffers; its autograd function keeps only those for backward.
+the high nibble); formats.py reads and writes the file layout transformers + bitsandbytes use for 4-bit
+models. NF4Linear holds the packed weight in buffers; its autograd function keeps only those for backward.
 """
-import json
-
 import torch
 import torch.nn as nn
 
@@ -240,51 +238,3 @@ def quantization_error(model: nn.Module) -> dict:
             err = (dequantize_nf4(quantize_nf4(w), torch.float32) - w).abs()
             out[name] = dict(mean_abs=err.mean().item(), rel=(err.norm() / w.norm()).item())
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# The bitsandbytes / transformers file layout of one 4-bit linear
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def to_bnb_tensors(layer: NF4Linear, prefix: str) -> dict:
-    """`prefix.weight` and its quant-state tensors, as transformers + bitsandbytes save them."""
-    meta = dict(quant_type="nf4", blocksize=layer.block_size, dtype=_DTYPE_NAMES[layer.orig_dtype],
-                shape=[layer.out_features, layer.in_features])
-    t = {f"{prefix}.weight": layer.packed.reshape(-1, 1), f"{prefix}.weight.absmax": layer.absmax,
-         f"{prefix}.weight.quant_map": NF4_LEVELS.clone()}
-    if layer.double_quant:
-        meta.update(nested_blocksize=256, nested_dtype="float32", nested_offset=layer.offset.item())
-        t[f"{prefix}.weight.nested_absmax"] = layer.nested_absmax
-        t[f"{prefix}.weight.nested_quant_map"] = DYNAMIC_SIGNED.clone()
-    t[f"{prefix}.weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
-    if layer.bias is not None:
-        t[f"{prefix}.bias"] = layer.bias
-    return {k: v.detach().contiguous().cpu() for k, v in t.items()}
-
-
-def from_bnb_tensors(t: dict, prefix: str, compute_dtype, where: str = "") -> NF4Linear:
-    key = f"{prefix}.weight.quant_state.bitsandbytes__nf4"
-    if key not in t:
-        raise ValueError(f"{where}: {prefix}.weight has no NF4 quant state ({key}); only nf4 4-bit files are supported")
-    meta = json.loads(bytes(t[key].tolist()).decode())
-    if not torch.equal(t[f"{prefix}.weight.quant_map"].float(), NF4_LEVELS):
-        raise ValueError(f"{where}: {prefix}.weight.quant_map is not the NF4 map")
-    state = dict(packed=t[f"{prefix}.weight"].reshape(-1).view(torch.uint8), absmax=t[f"{prefix}.weight.absmax"],
-                 shape=tuple(meta["shape"]), dtype=getattr(torch, meta["dtype"]), block_size=meta["blocksize"])
-    if "nested_offset" in meta:
-        if meta.get("nested_blocksize", 256) != 256:
-            raise ValueError(f"{where}: {prefix}: nested block size {meta['nested_blocksize']} (only 256)")
-        state.update(nested_absmax=t[f"{prefix}.weight.nested_absmax"],
-                     offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32))
-    return NF4Linear(state, t.get(f"{prefix}.bias"), compute_dtype)
-
-
-def bnb_quantization_config(compute_dtype) -> dict:
-    """The `quantization_config` that transformers writes into config.json for a 4-bit NF4 model."""
-    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-            "bnb_4bit_compute_dtype": _DTYPE_NAMES[compute_dtype], "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
-            "llm_int8_enable_fp32_cpu_offload": False}

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from data import IGNORE, collate, collate_packed, encode_example, load_examples, load_tokenizer, pack, prompt_format
 from lora import apply_lora, lora_layers, save_adapter
-from model import load_model, release_freed_memory
+from formats import load_model, release_freed_memory
 from nf4 import NF4Linear
 from optim import AdamW8bit
 

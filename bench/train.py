@@ -79,7 +79,7 @@ print(json.dumps(dict(s_step=statistics.median(dts[1:]), tok_s=statistics.median
 
 def peer(mode, a):
     sys.path.insert(0, str(ROOT))
-    from model import default_model_dir
+    from formats import default_model_dir
     model_dir = str(default_model_dir()) if a.model == "default" else a.model
     cfg = dict(root=str(ROOT), mode=mode, model=model_dir, steps=a.steps, seq_len=a.seq_len,
                device=a.device or "cpu", targets=TARGETS)

@@ -7,7 +7,7 @@ import torch
 
 from audit import estimate_memory, main, saved_bytes_per_token_layer
 from lora import ALL_TARGETS, apply_lora
-from model import load_model
+from formats import load_model
 from optim import AdamW8bit
 from train import loss_sum, memory_breakdown
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lora import LoRALinear, _dropout_mask, apply_lora, load_adapter, merge_lora, save_adapter, unmerge_lora
-from model import load_model
+from formats import load_model
 from nf4 import NF4Linear, dequantize_nf4
 
 

@@ -4,7 +4,7 @@ import torch
 
 from lora import apply_lora, save_adapter
 from merge import merge
-from model import load_model
+from formats import load_model
 
 
 def _adapter(base, out, seed=0, **kw):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import VARIANTS, make_hf_checkpoint, needs_default
-from model import KVCache, ModelArgs, load_model, save_hf_folder, model_tensors
+from formats import load_model, model_tensors, save_hf_folder
+from model import KVCache, ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,7 +163,7 @@ def test_sequence_too_long(tiny_ckpt):
 def test_default_gguf_equals_transformers_gguf_load():
     """Our GGUF path (dequantize, un-permute q/k) against transformers' own GGUF loader, same file."""
     import transformers
-    from model import default_gguf
+    from defaults import default_gguf
     from data import load_tokenizer
     g = default_gguf()
     hf = transformers.AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
@@ -182,7 +183,7 @@ def test_default_gguf_equals_transformers_gguf_load():
 @needs_default
 def test_default_tokenizer_equals_transformers():
     import transformers
-    from model import default_gguf
+    from defaults import default_gguf
     from data import load_tokenizer
     g = default_gguf()
     hf = transformers.AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
@@ -200,7 +201,7 @@ def test_default_tokenizer_equals_transformers():
 def load_peak_growth(dtype: str, quantize) -> tuple[int, int]:
     """Load the default model in a fresh process: (peak RSS minus RSS before loading, bf16 model bytes).
     VmHWM, not ru_maxrss: ru_maxrss survives exec and would count the forking pytest process."""
-    code = ("import torch, sys; sys.path.insert(0, %r); from model import load_model, default_model_dir;"
+    code = ("import torch, sys; sys.path.insert(0, %r); from formats import load_model, default_model_dir;"
             "p = default_model_dir();"
             "hwm = lambda k: int(next(l for l in open('/proc/self/status') if l.startswith(k)).split()[1]) * 1024;"
             "r0 = hwm('VmRSS:'); m = load_model(p, torch.%s, quantize=%r, device='cpu'); peak = hwm('VmHWM:');"
@@ -279,7 +280,7 @@ def test_gguf_rope_freqs_equals_transformers_llama3(tmp_path):
     import math
     import gguf
     import numpy as np
-    from merge import add_gguf_llama_shape, gguf_tensor_name, permute_qk
+    from formats import add_gguf_llama_shape, gguf_tensor_name, permute_qk
     hf = make_hf_checkpoint(tmp_path / "hf", "llama3_scaling")
     c, rp = hf.config, VARIANTS["llama3_scaling"][1]["rope_parameters"]
     hd = c.hidden_size // c.num_attention_heads

@@ -127,8 +127,7 @@ def _bnb_logits(hf, ids):
 
 
 def _save_ours_4bit(model, out):
-    from model import model_tensors, save_hf_folder
-    from nf4 import bnb_quantization_config
+    from formats import bnb_quantization_config, model_tensors, save_hf_folder
     save_hf_folder(out, model.args, model_tensors(model),
                    config_extra={"quantization_config": bnb_quantization_config(torch.float32)})
 
@@ -136,7 +135,7 @@ def _save_ours_4bit(model, out):
 def test_our_4bit_folder_loads_in_transformers(tmp_path, tiny_ckpt):
     pytest.importorskip("bitsandbytes")
     import transformers
-    from model import load_model
+    from formats import load_model
     ours = load_model(tiny_ckpt[0], torch.float32, quantize="nf4", device="cpu")
     _save_ours_4bit(ours, tmp_path / "q")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu").eval()
@@ -153,7 +152,7 @@ def test_our_4bit_folder_loads_in_transformers(tmp_path, tiny_ckpt):
 def test_transformers_4bit_folder_loads_in_ours(tmp_path, tiny_ckpt):
     pytest.importorskip("bitsandbytes")
     import transformers
-    from model import load_model
+    from formats import load_model
     q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                         bnb_4bit_compute_dtype=torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_ckpt[0], quantization_config=q, device_map="cpu",
@@ -167,7 +166,7 @@ def test_transformers_4bit_folder_loads_in_ours(tmp_path, tiny_ckpt):
 
 @pytest.mark.skipif(__import__("os").environ.get("PURE_QLORA_SKIP_DEFAULT") == "1", reason="no default model")
 def test_default_model_nf4_bits_memory_and_kl():
-    from model import load_model
+    from formats import load_model
     from nf4 import NF4Linear
     from test_model import load_peak_growth
     m = load_model("default", torch.float32, quantize="nf4", device="cpu")
