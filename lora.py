@@ -227,8 +227,29 @@ def adapter_config(model: nn.Module, base_name: str = "") -> dict:
             "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
 
 
+def base_fingerprint(model: nn.Module) -> str | None:
+    """A short hash of the base model: its shape and a few weights that no quantization touches (the
+    final norm, the first block's norms, the first rows of the embedding), each rounded to bf16 so the
+    same checkpoint loaded in fp32 or bf16, with a 16-bit or an NF4 base, gives the same value."""
+    import hashlib
+    h = hashlib.sha256()
+    a = getattr(model, "args", None)
+    if a is not None:
+        h.update(json.dumps([a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.intermediate_size, a.vocab_size]).encode())
+    params = dict(model.named_parameters())
+    if any(p.is_meta for p in params.values()):
+        return None   # a model with no weights yet (shape checks): nothing to fingerprint
+    for name in ("model.norm.weight", "model.layers.0.input_layernorm.weight",
+                 "model.layers.0.post_attention_layernorm.weight", "model.embed_tokens.weight"):
+        if name in params:
+            h.update(params[name].detach()[:64].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_adapter(model: nn.Module, out, base_name: str = ""):
-    """adapter_config.json + adapter_model.safetensors, each written to a temporary name then renamed."""
+    """adapter_config.json + adapter_model.safetensors, each written to a temporary name then renamed
+    (a failed write leaves the old files as they were). The base's fingerprint goes in the safetensors
+    metadata, which peft ignores, so the adapter cannot be merged into another base unnoticed."""
     from safetensors.torch import save_file
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,33 +257,50 @@ def save_adapter(model: nn.Module, out, base_name: str = ""):
     for name, m in lora_layers(model).items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().cpu()
-    save_file(tensors, str(out / "adapter_model.safetensors.tmp"), metadata={"format": "pt"})
-    (out / "adapter_config.json.tmp").write_text(json.dumps(adapter_config(model, base_name), indent=2))
-    os.replace(out / "adapter_model.safetensors.tmp", out / "adapter_model.safetensors")
-    os.replace(out / "adapter_config.json.tmp", out / "adapter_config.json")
+    tmp_st, tmp_cfg = out / "adapter_model.safetensors.tmp", out / "adapter_config.json.tmp"
+    try:
+        save_file(tensors, str(tmp_st), metadata={"format": "pt", "base_fingerprint": base_fingerprint(model)})
+        tmp_cfg.write_text(json.dumps(adapter_config(model, base_name), indent=2))
+    except BaseException:
+        tmp_st.unlink(missing_ok=True)
+        tmp_cfg.unlink(missing_ok=True)
+        raise
+    os.replace(tmp_st, out / "adapter_model.safetensors")
+    os.replace(tmp_cfg, out / "adapter_config.json")
 
 
-def read_adapter(path) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
+def read_adapter(path) -> tuple[dict, dict, dict]:
+    """(adapter_config.json, tensors, safetensors metadata) of a peft adapter folder."""
+    from safetensors import safe_open
     path = Path(path)
     cfg_file, st_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     for f in (cfg_file, st_file):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: missing (an adapter folder holds adapter_config.json and "
                                     "adapter_model.safetensors)")
-    cfg = json.loads(cfg_file.read_text())
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{cfg_file}: peft_type {cfg['peft_type']!r} is not LORA")
     if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("fan_in_fan_out"):
         raise ValueError(f"{cfg_file}: DoRA, per-layer rank/alpha patterns and fan_in_fan_out are not supported")
-    tensors = {k.replace(".default", ""): v for k, v in load_file(str(st_file)).items()}
-    return cfg, tensors
+    try:
+        with safe_open(str(st_file), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k.replace(".default", ""): f.get_tensor(k) for k in f.keys()}
+    except Exception as e:   # safetensors' own error types: truncated, corrupt header, ...
+        raise ValueError(f"{st_file}: not a readable safetensors file ({e})") from None
+    return cfg, tensors, meta
 
 
-def load_adapter(model: nn.Module, path) -> dict:
-    """Apply (if needed) and fill LoRA layers from a peft adapter folder; check it fits the model."""
-    cfg, tensors = read_adapter(path)
+def load_adapter(model: nn.Module, path, force: bool = False) -> dict:
+    """Apply (if needed) and fill LoRA layers from a peft adapter folder; check it fits the model and,
+    when the file records one, that the base is the one it was trained on (force=True skips that)."""
+    cfg, tensors, meta = read_adapter(path)
     where = str(Path(path) / "adapter_model.safetensors")
+    check_base(model, meta.get("base_fingerprint"), where, cfg.get("base_model_name_or_path"), force)
     if not lora_layers(model):
         apply_lora(model, cfg["target_modules"], cfg["r"], cfg["lora_alpha"], 0.0, cfg.get("use_rslora", False))
     layers = lora_layers(model)
@@ -284,3 +322,15 @@ def load_adapter(model: nn.Module, path) -> dict:
             m.lora_A.weight.copy_(a)
             m.lora_B.weight.copy_(b)
     return cfg
+
+
+def check_base(model: nn.Module, fingerprint: str | None, where: str, trained_on: str | None, force: bool = False):
+    """Refuse an adapter (or checkpoint) made on another base, whose shapes may match all the same."""
+    if fingerprint is None or force:
+        return   # adapters without a fingerprint (peft's own) load as before
+    here = base_fingerprint(model)
+    if here is not None and fingerprint != here:
+        raise ValueError(f"{where} was trained on another base: {trained_on or '?'} (fingerprint {fingerprint}), "
+                         f"not {getattr(model, 'source', 'this model')} (fingerprint {here}); the shapes may match, "
+                         "but the result would be a different model. Pass --force to use it anyway")
+

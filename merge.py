@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from data import load_tokenizer, prompt_format, render
+from data import encode_prompt, load_tokenizer, prompt_format
 from formats import (atomic_dir, bnb_quantization_config, build_empty, load_model, model_tensors, read_args,
                      save_hf_folder, write_gguf, write_tokenizer_files)
 from lora import load_adapter, merge_lora, read_adapter
@@ -43,8 +43,8 @@ def check_base_and_adapter(source, adapter):
 def probe_logits(model, tok, fmt) -> list[torch.Tensor]:
     outs = []
     for q in PROBE_PROMPTS:
-        text = "".join(t for t, _ in render([dict(role="user", content=q)], fmt, tok, generation=True))
-        ids = torch.tensor([tok.encode(text)], device=next(model.parameters()).device)
+        ids = torch.tensor([encode_prompt(tok, fmt, [dict(role="user", content=q)])],
+                           device=next(model.parameters()).device)
         outs.append(model(ids)[0].float().cpu())
     return outs
 
@@ -65,7 +65,7 @@ def requantize_nf4(model):
 
 
 def merge(model: str, adapter: str, out: str, dtype=torch.bfloat16, requantize: str | None = None,
-          gguf: str | None = None, from_nf4: bool = False, device=None, log=print) -> dict:
+          gguf: str | None = None, from_nf4: bool = False, device=None, log=print, force: bool = False) -> dict:
     out = Path(out)
     if gguf not in (None, "f16", "q8_0"):
         raise ValueError(f"--gguf {gguf!r}: choose f16 or q8_0")
@@ -78,7 +78,7 @@ def merge(model: str, adapter: str, out: str, dtype=torch.bfloat16, requantize: 
     tok = load_tokenizer(model)
     fmt = prompt_format(tok)
     m = load_model(model, compute, quantize="nf4" if from_nf4 else None, device=device)
-    cfg = load_adapter(m, adapter)
+    cfg = load_adapter(m, adapter, force)   # refuses an adapter trained on another base: before any write
     ref = probe_logits(m, tok, fmt)   # base + adapter, unmerged
     merge_lora(m, on_nf4="dequantize" if from_nf4 else None, unwrap=True)
     log(f"merged rank-{cfg['r']} adapter from {adapter} into {model}"
@@ -128,9 +128,12 @@ def main(argv=None):
     p.add_argument("--from-nf4", action="store_true",
                    help="merge into the dequantized NF4 weights (what QLoRA trained against) instead of the 16-bit base")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--force", action="store_true",
+                   help="merge even if the adapter records another base model than --model (same shapes)")
     a = p.parse_args(argv)
     try:
-        merge(a.model, a.adapter, a.out, getattr(torch, a.dtype), a.requantize, a.gguf, a.from_nf4, a.device)
+        merge(a.model, a.adapter, a.out, getattr(torch, a.dtype), a.requantize, a.gguf, a.from_nf4, a.device,
+              force=a.force)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

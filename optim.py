@@ -122,10 +122,14 @@ class AdamW8bit(torch.optim.Optimizer):
                    if torch.is_tensor(t))
 
     def load_state_dict(self, state_dict):
+        # torch casts every state tensor to its parameter's dtype: the uint8 codes would come back as
+        # fp32, four times the memory. Give each tensor its saved dtype back, and paged states their
+        # place in (pinned) host memory.
+        saved = {int(i): {k: v.dtype for k, v in st.items() if torch.is_tensor(v)} for i, st in state_dict["state"].items()}
         super().load_state_dict(state_dict)
-        # torch moves loaded states to each parameter's device; paged states belong in host memory.
-        for p, st in self.state.items():
-            for k, t in st.items():
-                if torch.is_tensor(t):
-                    t = t.to(self._home(p))
-                    st[k] = t.pin_memory() if (self.paged and p.is_cuda) else t
+        params = [p for g in self.param_groups for p in g["params"]]   # state_dict numbers them in this order
+        for i, dtypes in saved.items():
+            p, st = params[i], self.state[params[i]]
+            for k, dt in dtypes.items():
+                t = st[k].to(self._home(p), dt)
+                st[k] = t.pin_memory() if (self.paged and p.is_cuda) else t

@@ -4,19 +4,30 @@ Fine-tune a Llama-family model with LoRA (16-bit base) or QLoRA (NF4 base + page
     python train.py --qlora                          # SmolLM2-135M-Instruct on AlpacaEval's pairs, 50 steps
     python train.py                                  # LoRA on the same
     python train.py --qlora --model path/to/hf_folder --data my.jsonl --max-steps -1 --seq-len 1024
+    python train.py --show-example                   # the first training example as the model sees it
     python train.py --qlora --resume                 # continue runs/qlora where it stopped
     torchrun --nproc_per_node 2 train.py --qlora     # data-parallel on 2 GPUs (or CPU processes)
 
+Stopping: Ctrl-C, SIGTERM (what SLURM, Kubernetes and spot instances send) or --stop-after finish the
+optimizer step under way, save a checkpoint and exit with code 75; the same command with --resume then
+continues exactly. Under torchrun every rank stops at the same step. A second Ctrl-C stops at once,
+without a checkpoint. A loss or gradient norm that is not finite stops the run before the update
+(exit code 4), naming the step; the last good save is left as it was.
+
 A run directory holds the adapter in peft's format (adapter_config.json, adapter_model.safetensors),
-train_config.json, metrics.jsonl (one JSON object per step and eval), summary.json and checkpoint.pt
-(adapters, optimizer, RNG: what --resume needs).
+train_config.json, metrics.jsonl (one JSON object per step and eval), summary.json and
+checkpoint.safetensors (adapters, optimizer, RNG states, step: what --resume needs; safetensors and
+JSON, so loading it cannot run code). Exit codes: 0 done, 2 bad input, 3 out of memory, 4 diverged,
+74 a save failed (a full disk: the previous save is intact), 75 stopped with a checkpoint.
 """
 import argparse
 import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,9 +35,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data import IGNORE, collate, collate_packed, encode_example, load_examples, load_tokenizer, pack, prompt_format
-from lora import apply_lora, lora_layers, save_adapter
-from formats import load_model, release_freed_memory
+from data import (IGNORE, check_eos, collate, collate_packed, encode_example, load_examples, load_tokenizer, pack,
+                  prompt_format, show_example)
+from formats import load_model, load_state, release_freed_memory, save_state
+from lora import apply_lora, base_fingerprint, check_base, lora_layers, save_adapter
 from nf4 import NF4Linear
 from optim import AdamW8bit
 
@@ -34,7 +46,7 @@ from optim import AdamW8bit
 @dataclass
 class TrainConfig:
     model: str = "default"          # HF folder, .gguf file, or "default" (SmolLM2-135M-Instruct, fetched once)
-    data: str = "default"           # JSONL file, or "default" (AlpacaEval's 805 pairs, fetched once)
+    data: str = "default"           # JSONL or JSON file, or "default" (AlpacaEval's 805 pairs, fetched once)
     out: str = ""                   # run directory (default runs/qlora or runs/lora)
     qlora: bool = False             # NF4 base + paged 8-bit AdamW (QLoRA); otherwise LoRA on the 16-bit base
     rank: int = 8                   # LoRA rank r
@@ -64,6 +76,8 @@ class TrainConfig:
     resume: bool = False            # continue the run in --out from its checkpoint
     stop_after: int = 0             # stop after this many steps with a resumable checkpoint (0 = run to the end)
     overwrite: bool = False         # replace an existing run in --out
+    force: bool = False             # resume even if the checkpoint was made on another base model
+    show_example: bool = False      # print the first training example as the model sees it (loss tokens marked), then exit
     seed: int = 0                   # data order, adapter init, dropout
     device: str = ""                # cpu | cuda (default: cuda if available)
     dtype: str = ""                 # float32 | bfloat16 | float16 (default: bf16 on GPU, the faster of fp32/bf16 on CPU)
@@ -86,8 +100,65 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
+class Diverged(RuntimeError):
+    """The loss or the gradients stopped being finite."""
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (a full disk); the previous one is intact."""
+
+
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "pure-qlora training checkpoint, version 1"
+# What must not change between a run and its --resume: the data order, the adapter's shape, the batch.
+RESUME_KEYS = ("model", "data", "rank", "targets", "qlora", "seq_len", "batch_size", "grad_accum", "seed")
+
+
 # ----------------------------------------------------------------------------------------------
-# Setup helpers
+# Setup: where we run, the data, the model
+
+@dataclass
+class Run:
+    """Where and how this process trains: its config, device, place among the ranks, and run directory."""
+    cfg: TrainConfig
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world: int
+    out: Path
+    saved_step: int | None = None   # the step of the last complete save, named when something goes wrong
+
+    def log(self, *a):
+        if self.rank == 0:
+            print(*a, flush=True)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks (nccl reduces CUDA tensors only, so it lives on the training device)."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+
+def start(cfg: TrainConfig) -> Run:
+    """Check the flags, pick device and dtype, join the other ranks under torchrun, check --out."""
+    cfg.out = cfg.out or ("runs/qlora" if cfg.qlora else "runs/lora")
+    cfg.optim = cfg.optim or ("paged_adamw8bit" if cfg.qlora else "adamw")
+    if cfg.optim not in ("adamw", "adamw8bit", "paged_adamw8bit"):
+        raise ValueError(f"--optim {cfg.optim!r}: choose adamw, adamw8bit or paged_adamw8bit")
+    if not 0 < cfg.cpu_mmap_kb <= 32 << 10:
+        raise ValueError(f"--cpu-mmap-kb {cfg.cpu_mmap_kb}: choose 1 to 32768 (glibc's largest mmap threshold is 32 MB)")
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device, dtype = pick_device_dtype(cfg)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":
+        limit_heap_retention(cfg.cpu_mmap_kb)
+    return Run(cfg, device, dtype, rank, world, check_out_dir(cfg))
+
 
 def pick_device_dtype(cfg):
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -135,38 +206,13 @@ def limit_heap_retention(kb: int = 256):
         pass   # not glibc
 
 
-def status_bytes(field: str) -> int:
-    """A memory line of /proc/self/status in bytes: VmRSS (resident now), VmHWM (peak resident)."""
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
-
-
-def peak_memory(device) -> int:
-    """Peak bytes: CUDA max allocated, or the process's peak RSS (VmHWM) on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return status_bytes("VmHWM")
-
-
-def memory_breakdown(model, opt) -> dict:
-    """Bytes of each kind of live tensor, counted from the real tensors."""
-    lora = [p for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
-    ids = {id(p) for p in lora}
-    base = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids)
-    base += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, NF4Linear) for b in m.buffers())
-    adapters = sum(p.numel() * p.element_size() for p in lora)
-    state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
-    return dict(base_weights=base, adapters=adapters, gradients=adapters,
-                optimizer_states=sum(t.numel() * t.element_size() for t in state))
-
-
 def check_out_dir(cfg) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
     has_run = (out / "train_config.json").is_file()
-    if cfg.resume and not (out / "checkpoint.pt").is_file():
-        raise ValueError(f"--resume: {out}/checkpoint.pt does not exist (nothing to resume)")
+    if cfg.resume and not ((out / CHECKPOINT).is_file() or (out / "checkpoint.pt").is_file()):
+        raise ValueError(f"--resume: {out}/{CHECKPOINT} does not exist (nothing to resume)")
     if has_run and not cfg.resume and not cfg.overwrite:
         raise ValueError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                          "or choose another --out")
@@ -181,10 +227,55 @@ def check_out_dir(cfg) -> Path:
     return out
 
 
-def atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def prepare_data(cfg: TrainConfig, tok, log=print):
+    """Tokenized (ids, targets) for the train and eval splits; every check of the data happens here."""
+    fmt = prompt_format(tok, cfg.prompt_format or None)
+    train_convs, eval_convs = load_examples(cfg.data, cfg.eval_examples, seed=0)
+    check_eos(tok, fmt, train_convs + eval_convs, str(cfg.data))
+    encode = lambda convs: [encode_example(tok, fmt, c, cfg.seq_len, cfg.train_on_prompt) for c in convs]
+    train_ex, eval_ex = encode(train_convs), encode(eval_convs)
+    n_trunc = sum(t for _, _, t in train_ex)
+    train_ex = [(i, t) for i, t, _ in train_ex if any(x != IGNORE for x in t)]
+    eval_ex = [(i, t) for i, t, _ in eval_ex if any(x != IGNORE for x in t)]
+    if not train_ex:
+        raise ValueError(f"{cfg.data}: no training example has a response token within --seq-len {cfg.seq_len}")
+    log(f"data: {len(train_ex)} train / {len(eval_ex)} eval examples, format {fmt['name']}, "
+        f"{n_trunc} truncated to {cfg.seq_len} tokens, {len(train_convs) - len(train_ex)} dropped (no response left)")
+    return train_ex, eval_ex
+
+
+def show(cfg: TrainConfig) -> dict:
+    """--show-example: the first training example as the model sees it, then the data's checks."""
+    tok = load_tokenizer(cfg.model)
+    fmt = prompt_format(tok, cfg.prompt_format or None)
+    train_convs, _ = load_examples(cfg.data, cfg.eval_examples, seed=0)
+    text = show_example(tok, fmt, train_convs[0], cfg.seq_len, cfg.train_on_prompt, color=sys.stdout.isatty())
+    print(text, flush=True)
+    prepare_data(cfg, tok)   # and what training would refuse
+    return dict(example=text)
+
+
+def build_model(run: Run):
+    """Load the base (NF4 as it streams in, for QLoRA), wrap the targets in LoRA, make the optimizer."""
+    cfg = run.cfg
+    torch.manual_seed(cfg.seed)   # the adapters' initialisation: the same on every rank
+    model = load_model(cfg.model, run.dtype, quantize="nf4" if cfg.qlora else None, device=run.device)
+    if cfg.seq_len > model.args.max_seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} is above the model's limit of {model.args.max_seq_len} tokens")
+    info = apply_lora(model, cfg.targets.split(","), cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
+    if run.rank:   # rank 0 keeps the seed's stream (one process gives the same run with or without torchrun);
+        torch.manual_seed(cfg.seed + 1_000_003 * run.rank)   # the others draw their own dropout masks
+    model.grad_checkpoint = cfg.grad_checkpoint
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optim == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.optim.startswith("paged"))
+    run.log(f"model: {cfg.model} in {str(run.dtype).replace('torch.', '')} on {run.device}, "
+            f"{'QLoRA (NF4 base)' if cfg.qlora else 'LoRA'}; {len(info['wrapped'])} layers adapted, "
+            f"{info['trainable']:,} trainable of {info['total']:,} parameters; optimizer {cfg.optim}")
+    return model, params, opt, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +292,14 @@ def step_examples(order_len, n_train, step, per_step, seed):
         out += perm[lo:lo + per_step - len(out)]
         epoch += 1
     return out
+
+
+def micro_batches(train_ex, step, run: Run) -> list[list]:
+    """This rank's examples of optimizer step `step`, split into grad_accum micro-batches."""
+    b, a = run.cfg.batch_size, run.cfg.grad_accum
+    idx = step_examples(len(train_ex), len(train_ex), step, b * a * run.world, run.cfg.seed)
+    return [[train_ex[j] for j in idx[(k * run.world + run.rank) * b:(k * run.world + run.rank + 1) * b]]
+            for k in range(a)]
 
 
 def make_batch(examples, cfg, device, flat: bool):
@@ -260,19 +359,16 @@ class LMHeadLoss(torch.autograd.Function):
 
 
 @torch.no_grad()
-def evaluate(model, batches, world) -> tuple[float, int]:
+def evaluate(model, batches, run: Run) -> tuple[float, int]:
     """Token-weighted mean loss over the eval batches (each rank its share), and the token count."""
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=run.device)
     for ids, tgt, seg in batches:
-        total[0] += loss_sum(model, ids, tgt, seg).double().cpu()
-        total[1] += (tgt != IGNORE).sum().cpu()
-    if world > 1:
-        dist.all_reduce(total)
+        total[0] += loss_sum(model, ids, tgt, seg).double()
+        total[1] += (tgt != IGNORE).sum()
+    loss, n = run.sum(total).tolist()
     model.train()
-    if total[1] == 0:   # no eval split (--eval-examples 0)
-        return float("nan"), 0
-    return (total[0] / total[1]).item(), int(total[1])
+    return (loss / n if n else float("nan")), int(n)   # nan: no eval split (--eval-examples 0)
 
 
 def get_lr(step, cfg, total):
@@ -282,217 +378,346 @@ def get_lr(step, cfg, total):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def sum_gradients(run: Run, params, loss, stop: bool):
+    """Under torchrun: one all-reduce of all adapter gradients (a few MB; each rank's are already
+    normalized by the whole step's tokens, so the sum is the mean), and one of (loss, stop votes),
+    so that every rank logs the same loss and stops at the same step."""
+    if run.world == 1:
+        return loss, stop
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    off = 0
+    for p in params:
+        p.grad.copy_(flat[off:off + p.numel()].view_as(p))
+        off += p.numel()
+    both = run.sum(torch.stack([loss, torch.tensor(float(stop), dtype=loss.dtype, device=loss.device)]))
+    return both[0], bool(both[1] > 0)
+
+
 # ----------------------------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON, written whole or not at all
+
+def save(run: Run, model, opt, step: int):
+    """The adapter in peft's format and checkpoint.safetensors (adapters, optimizer, RNG states, step).
+    Nothing non-finite is ever written, and a write that fails (a full disk) leaves the last save whole:
+    the checkpoint goes to a temporary name and replaces the old one only once the adapter is written too.
+    Every rank takes part (the RNG states are gathered); rank 0 writes."""
+    tensors, meta = checkpoint_state(run, model, opt, step)
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise Diverged(f"after step {step} {bad[0]} (and {len(bad) - 1} more) holds values that are not finite: "
+                       f"training diverged; nothing was saved. {last_good(run)}")
+    if run.rank == 0:
+        tmp = run.out / (CHECKPOINT + ".tmp")
+        try:
+            save_state(tmp, tensors, meta)
+            save_adapter(model, run.out, base_name=run.cfg.model)
+            os.replace(tmp, run.out / CHECKPOINT)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise SaveFailed(f"could not save step {step} in {run.out} ({e.strerror or e}). {last_good(run)}") from None
+    run.saved_step = step
+
+
+def last_good(run: Run) -> str:
+    if run.saved_step is None:
+        return "No checkpoint had been saved before (--save-every N keeps one)."
+    return f"The last good checkpoint, step {run.saved_step}, is intact in {run.out}: continue with --resume."
+
+
+def checkpoint_state(run: Run, model, opt, step: int) -> tuple[dict, dict]:
+    """(tensors, JSON-able rest) of everything --resume needs."""
+    tensors = {f"adapter.{k}": v for k, v in model.state_dict().items() if "lora_" in k}
+    osd, scalars = opt.state_dict(), {}
+    for i, st in osd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer.{i}.{k}"] = v
+            else:
+                scalars.setdefault(str(i), {})[k] = v
+    states = {"cpu": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(run.device)
+    for kind, s in states.items():   # every rank's own stream (dropout differs per rank)
+        every = [s]
+        if run.world > 1:
+            every = [torch.empty_like(s, device=run.device) for _ in range(run.world)]
+            dist.all_gather(every, s.to(run.device))
+        tensors.update({f"rng.{kind}.{r}": t.cpu() for r, t in enumerate(every)})
+    meta = dict(format=CHECKPOINT_FORMAT, step=step, world=run.world, config=asdict(run.cfg),
+                base_fingerprint=base_fingerprint(model),
+                optimizer=dict(param_groups=osd["param_groups"], scalars=scalars))
+    return tensors, meta
+
+
+def resume(run: Run, model, opt) -> int:
+    """Restore adapters, optimizer and RNG from checkpoint.safetensors; return its step. Nothing in the
+    file is executed; anything unexpected in it is one error naming it."""
+    path, cfg = run.out / CHECKPOINT, run.cfg
+    if not path.is_file():   # only the pickle checkpoint of an older version: never unpickled
+        raise ValueError(f"--resume: {run.out}/checkpoint.pt is a pickle checkpoint from an older version; it is "
+                         "not loaded, because unpickling a file can run any code in it. Start the run again "
+                         "(--overwrite)")
+    tensors, meta = load_state(path)
+    try:
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"its format is {meta.get('format')!r}, not {CHECKPOINT_FORMAT!r}")
+        for k in RESUME_KEYS:
+            if meta["config"][k] != getattr(cfg, k):
+                raise ValueError(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} differs from the run's "
+                                 f"{meta['config'][k]!r}")
+        if meta["world"] != run.world:
+            raise ValueError(f"it was saved by {meta['world']} process(es), this run has {run.world} (the batch "
+                             "of each step would change)")
+        check_base(model, meta["base_fingerprint"], str(path), meta["config"]["model"], cfg.force)
+        named = dict(model.named_parameters())
+        adapters = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+        if set(adapters) != {n for n, p in named.items() if p.requires_grad}:
+            raise ValueError("it holds other adapter tensors than this model has")
+        for k, v in adapters.items():
+            if v.shape != named[k].shape:
+                raise ValueError(f"{k} has shape {tuple(v.shape)}, the model's is {tuple(named[k].shape)}")
+        state = {}
+        for k, v in tensors.items():
+            if k.startswith("optimizer."):
+                _, i, key = k.split(".", 2)
+                state.setdefault(int(i), {})[key] = v
+        for i, d in meta["optimizer"]["scalars"].items():
+            state.setdefault(int(i), {}).update(d)
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                  for g in meta["optimizer"]["param_groups"]]
+        opt.load_state_dict(dict(state=state, param_groups=groups))
+        with torch.no_grad():
+            for k, v in adapters.items():
+                named[k].copy_(v)
+        torch.set_rng_state(tensors[f"rng.cpu.{run.rank}"])
+        if run.device.type == "cuda" and f"rng.cuda.{run.rank}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{run.rank}"], run.device)
+        step = int(meta["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        msg = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise ValueError(f"--resume: {path}: cannot resume from it: {msg}") from None
+    run.saved_step = step
+    run.log(f"resumed from {path} at step {step}")
+    return step
+
+
+class Metrics:
+    """metrics.jsonl (rank 0): one JSON object per step and eval. On --resume, lines past the
+    checkpoint's step (steps done after the last save) are dropped, as those steps run again."""
+
+    def __init__(self, run: Run, step: int):
+        self.f = None
+        if run.rank == 0:
+            path = run.out / "metrics.jsonl"
+            kept = []
+            if step and path.is_file():
+                kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+            self.f = open(path, "w")
+            self.f.writelines(l + "\n" for l in kept)
+
+    def record(self, **kv):
+        if self.f:   # a number that is not finite is written as null: the file stays valid JSON
+            kv = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in kv.items()}
+            self.f.write(json.dumps(kv) + "\n")
+            self.f.flush()
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) ask the loop to stop after the step under way, with a checkpoint.
+    A second Ctrl-C stops at once; one within 2 s of the first is the same request (torchrun forwards
+    the terminal's Ctrl-C to each process, which then sees it twice)."""
+
+    def __init__(self):
+        self.requested, self.first, self.old = None, None, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.old[s] = signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        now = time.monotonic()
+        if self.first is None:
+            self.first, self.requested = now, signal.Signals(signum).name
+            os.write(2, f"\n{self.requested}: stopping after this step, with a checkpoint (Ctrl-C again to stop "
+                        "at once, without one)\n".encode())
+        elif signum == signal.SIGINT and now - self.first > 2:
+            raise KeyboardInterrupt
+
+    def restore(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def status_bytes(field: str) -> int:
+    """A memory line of /proc/self/status in bytes: VmRSS (resident now), VmHWM (peak resident)."""
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+
+
+def peak_memory(device) -> int:
+    """Peak bytes: CUDA max allocated, or the process's peak RSS (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return status_bytes("VmHWM")
+
+
+def memory_breakdown(model, opt) -> dict:
+    """Bytes of each kind of live tensor, counted from the real tensors."""
+    lora = [p for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+    ids = {id(p) for p in lora}
+    base = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids)
+    base += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, NF4Linear) for b in m.buffers())
+    adapters = sum(p.numel() * p.element_size() for p in lora)
+    state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+    return dict(base_weights=base, adapters=adapters, gradients=adapters,
+                optimizer_states=sum(t.numel() * t.element_size() for t in state))
+
+
+def runtime_bytes(model, opt) -> int:
+    """Everything resident that is not a tensor (Python, torch's code and threads, the tokenizer, the
+    data): RSS between two steps, less the weights, adapters and optimizer states alive then."""
+    live = memory_breakdown(model, opt)
+    return status_bytes("VmRSS") - live["base_weights"] - live["adapters"] - live["optimizer_states"]
+
+
+def atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
 
 def train(cfg: TrainConfig) -> dict:
-    cfg.out = cfg.out or ("runs/qlora" if cfg.qlora else "runs/lora")
-    cfg.optim = cfg.optim or ("paged_adamw8bit" if cfg.qlora else "adamw")
-    if cfg.optim not in ("adamw", "adamw8bit", "paged_adamw8bit"):
-        raise ValueError(f"--optim {cfg.optim!r}: choose adamw, adamw8bit or paged_adamw8bit")
-    if not 0 < cfg.cpu_mmap_kb <= 32 << 10:
-        raise ValueError(f"--cpu-mmap-kb {cfg.cpu_mmap_kb}: choose 1 to 32768 (glibc's largest mmap threshold is 32 MB)")
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device, dtype = pick_device_dtype(cfg)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    if device.type == "cpu":
-        limit_heap_retention(cfg.cpu_mmap_kb)
-    out = check_out_dir(cfg)
+    """Setup (flags, data, model, optimizer, resume), then the loop: forward, backward, clip, step, log,
+    eval, save; a requested stop ends it with a checkpoint at a step boundary."""
+    run = start(cfg)
     t_start = time.time()
-
-    # -- data: everything is read and checked before anything is written
-    tok = load_tokenizer(cfg.model)
-    fmt = prompt_format(tok, cfg.prompt_format or None)
-    train_convs, eval_convs = load_examples(cfg.data, cfg.eval_examples, seed=0)
-    encode = lambda convs: [encode_example(tok, fmt, c, cfg.seq_len, cfg.train_on_prompt) for c in convs]
-    train_ex, eval_ex = encode(train_convs), encode(eval_convs)
-    n_trunc = sum(t for _, _, t in train_ex)
-    train_ex = [(i, t) for i, t, _ in train_ex if any(x != IGNORE for x in t)]
-    eval_ex = [(i, t) for i, t, _ in eval_ex if any(x != IGNORE for x in t)]
-    if not train_ex:
-        raise ValueError(f"{cfg.data}: no training example has a response token within --seq-len {cfg.seq_len}")
-    log(f"data: {len(train_ex)} train / {len(eval_ex)} eval examples, format {fmt['name']}, "
-        f"{n_trunc} truncated to {cfg.seq_len} tokens, {len(train_convs) - len(train_ex)} dropped (no response left)")
-
-    # -- model: load (NF4 as it streams in, for QLoRA) -> LoRA -> freeze all but the adapters
-    torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, dtype, quantize="nf4" if cfg.qlora else None, device=device)
-    if cfg.seq_len > model.args.max_seq_len:
-        raise ValueError(f"--seq-len {cfg.seq_len} is above the model's limit of {model.args.max_seq_len} tokens")
-    info = apply_lora(model, cfg.targets.split(","), cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
-    model.grad_checkpoint = cfg.grad_checkpoint
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optim == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.optim.startswith("paged"))
-    log(f"model: {cfg.model} in {str(dtype).replace('torch.', '')} on {device}, {'QLoRA (NF4 base)' if cfg.qlora else 'LoRA'}; "
-        f"{len(info['wrapped'])} layers adapted, {info['trainable']:,} trainable of {info['total']:,} parameters; "
-        f"optimizer {cfg.optim}")
-
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(train_ex) / per_step))
-    flat = device.type == "cpu"
+    train_ex, eval_ex = prepare_data(cfg, load_tokenizer(cfg.model), run.log)
+    model, params, opt, info = build_model(run)
+    step = resume(run, model, opt) if cfg.resume else 0
+    per_step = cfg.batch_size * cfg.grad_accum * run.world
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(train_ex) / per_step))
+    flat = run.device.type == "cpu"
     eb = cfg.batch_size
-    eval_batches = [make_batch(eval_ex[i:i + eb], cfg, device, flat) for i in range(rank * eb, len(eval_ex), eb * world)]
-
-    step, metrics_mode = 0, "w"
-    if cfg.resume:
-        ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
-        for k in ("model", "data", "rank", "targets", "qlora", "seq_len", "batch_size", "grad_accum", "seed"):
-            if ck["config"][k] != getattr(cfg, k):
-                raise ValueError(f"--resume: {k}={getattr(cfg, k)!r} differs from the run's {ck['config'][k]!r}")
-        named = dict(model.named_parameters())
-        if set(ck["adapters"]) != {n for n, p in named.items() if p.requires_grad}:
-            raise ValueError(f"--resume: {out}/checkpoint.pt holds other adapter tensors than this model has")
-        with torch.no_grad():
-            for k, v in ck["adapters"].items():
-                named[k].copy_(v)
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"][rank] if isinstance(ck["rng"]["cuda"], list) else ck["rng"]["cuda"])
-        step, metrics_mode = ck["step"], "a"
-        log(f"resumed from {out}/checkpoint.pt at step {step}")
-
+    eval_batches = [make_batch(eval_ex[i:i + eb], cfg, run.device, flat)
+                    for i in range(run.rank * eb, len(eval_ex), eb * run.world)]
     # Nothing is written before this point: bad input has stopped us with the directory untouched.
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
-    metrics = open(out / "metrics.jsonl", metrics_mode) if rank == 0 else None
-
-    def record(**kv):
-        if metrics:
-            metrics.write(json.dumps(kv) + "\n")
-            metrics.flush()
-
-    def save(step):
-        """Adapter in peft's format + checkpoint.pt, each written to a temporary name then renamed."""
-        if rank != 0:
-            return
-        save_adapter(model, out, base_name=cfg.model)
-        ck = dict(step=step, config=asdict(cfg), optimizer=opt.state_dict(),
-                  adapters={k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k},
-                  rng=dict(torch=torch.get_rng_state(),
-                           cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None))
-        torch.save(ck, out / "checkpoint.pt.tmp")
-        os.replace(out / "checkpoint.pt.tmp", out / "checkpoint.pt")
-
-    # -- the loop
-    eval_before = None
-    if step == 0:
-        eval_before, n_eval_tok = evaluate(model, eval_batches, world)
-        record(step=0, eval_loss=eval_before, eval_ppl=math.exp(eval_before))
-        log(f"eval before training: loss {eval_before:.4f}, ppl {math.exp(eval_before):.2f} ({n_eval_tok} tokens)")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0, tokens_seen, first_step, losses, interrupted = time.time(), 0, step, [], False
-    max_micro_tokens, runtime_rss = 0, None
+    if run.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        atomic_write(run.out / "train_config.json", json.dumps(asdict(cfg), indent=2))
+    metrics, stop = Metrics(run, step), StopSignals()
     try:
-        while step < total_steps:
-            idx = step_examples(len(train_ex), len(train_ex), step, per_step, cfg.seed)
-            micro = [[train_ex[j] for j in idx[(a * world + rank) * cfg.batch_size:(a * world + rank + 1) * cfg.batch_size]]
-                     for a in range(cfg.grad_accum)]
-            # Normalize by the target tokens of the whole window on all ranks, so that the update is the
+        eval_before = None
+        if step == 0:
+            eval_before, n_eval = evaluate(model, eval_batches, run)
+            metrics.record(step=0, eval_loss=eval_before, eval_ppl=math.exp(eval_before))
+            run.log(f"eval before training: loss {eval_before:.4f}, ppl {math.exp(eval_before):.2f} ({n_eval} tokens)")
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        t0, first, tokens, losses, max_micro, runtime_rss = time.time(), step, 0, [], 0, None
+        stopped = None
+        while step < total and not stopped:
+            micro = micro_batches(train_ex, step, run)
+            # Normalize by the target tokens of the whole step on all ranks, so that the update is the
             # mean over tokens, however the tokens fall into micro-batches and processes.
-            n_tok = torch.tensor(float(sum(sum(t != IGNORE for t in ex[1]) for m in micro for ex in m)))
-            if world > 1:
-                dist.all_reduce(n_tok)
-            lr = get_lr(step, cfg, total_steps)
+            n_tok = float(sum(sum(t != IGNORE for t in ex[1]) for m in micro for ex in m))
+            if run.world > 1:
+                n_tok = run.sum(torch.tensor(n_tok, device=run.device))
+            lr = get_lr(step, cfg, total)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss_total = 0.0
+            loss = torch.zeros((), dtype=torch.float64, device=run.device)
             for m in micro:
-                ids, tgt, seg = make_batch(m, cfg, device, flat)
-                loss = loss_sum(model, ids, tgt, seg) / n_tok.item()
-                loss.backward()
-                loss_total += loss.item()
+                ids, tgt, seg = make_batch(m, cfg, run.device, flat)
+                micro_loss = loss_sum(model, ids, tgt, seg) / n_tok
+                micro_loss.backward()
+                loss += micro_loss.detach()
                 n_real = sum(len(ex[0]) for ex in m)   # real tokens, padding not counted
-                tokens_seen += n_real
-                max_micro_tokens = max(max_micro_tokens, n_real)
-            if world > 1:   # one all-reduce of all adapter gradients (a few MB), summed: already normalized
-                flat_g = torch.cat([p.grad.reshape(-1) for p in params])
-                dist.all_reduce(flat_g)
-                off = 0
-                for p in params:
-                    p.grad.copy_(flat_g[off:off + p.numel()].view_as(p))
-                    off += p.numel()
-                lt = torch.tensor(loss_total)
-                dist.all_reduce(lt)
-                loss_total = lt.item()
+                tokens, max_micro = tokens + n_real, max(max_micro, n_real)
+            loss, stop_vote = sum_gradients(run, params, loss, stop.requested is not None)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            loss, gnorm = loss.item(), gnorm.item()
+            if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                raise Diverged(f"step {step + 1}: the loss is {loss} and the gradient norm {gnorm}: training "
+                               f"diverged (learning rate {lr:.2e}{'' if cfg.grad_clip > 0 else ', no --grad-clip'}); "
+                               f"the step was not applied and nothing was saved. {last_good(run)}")
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if device.type == "cpu":
-                release_freed_memory()   # the step's small freed blocks, or they pile up in the heap
-                if runtime_rss is None:
-                    # Everything resident that is not a tensor (Python, torch's code and threads, the
-                    # tokenizer, the data): RSS between two steps, less the weights, adapters and
-                    # optimizer states alive then (gradients are freed).
-                    live = memory_breakdown(model, opt)
-                    runtime_rss = status_bytes("VmRSS") - live["base_weights"] - live["adapters"] - live["optimizer_states"]
             step += 1
-            losses.append(loss_total)
+            if flat:
+                release_freed_memory()   # the step's small freed blocks, or they pile up in the heap
+                runtime_rss = runtime_rss or runtime_bytes(model, opt)
+            losses.append(loss)
             elapsed = time.time() - t0
-            tok_s = tokens_seen * world / elapsed
-            eta = elapsed / (step - first_step) * (total_steps - step)
-            peak = peak_memory(device)
-            record(step=step, loss=loss_total, lr=lr, grad_norm=float(gnorm), tokens=tokens_seen * world,
-                   tok_s=tok_s, elapsed=elapsed, peak_mem=peak)
-            if step % cfg.log_every == 0 or step == total_steps:
-                log(f"step {step}/{total_steps} | loss {loss_total:.4f} | lr {lr:.2e} | {tok_s:.1f} tok/s | "
-                    f"ETA {eta / 60:.1f} min | peak mem {peak / 2**30:.2f} GB")
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                ev, _ = evaluate(model, eval_batches, world)
-                record(step=step, eval_loss=ev, eval_ppl=math.exp(ev))
-                log(f"eval at step {step}: loss {ev:.4f}, ppl {math.exp(ev):.2f}")
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save(step)
-            if cfg.stop_after and step >= cfg.stop_after and step < total_steps:
-                raise KeyboardInterrupt   # the same exit as Ctrl-C: checkpoint, then stop
-    except KeyboardInterrupt:
-        interrupted = True
-        opt.zero_grad(set_to_none=True)
-        save(step)
-        log(f"\ninterrupted: checkpoint saved at step {step} in {out}; continue with the same flags and --resume")
-    train_time = time.time() - t0
-    summary = dict(steps=step, total_steps=total_steps, interrupted=interrupted, final_loss=losses[-1] if losses else None,
-                   losses=losses, eval_loss_before=eval_before, tokens_per_s=tokens_seen * world / max(train_time, 1e-9),
-                   train_time_s=train_time, peak_mem=peak_memory(device), device=str(device),
-                   dtype=str(dtype).replace("torch.", ""), trainable=info["trainable"], total_params=info["total"],
-                   memory=memory_breakdown(model, opt), runtime_rss=runtime_rss, out=str(out),
-                   tokens_per_step=tokens_seen * world / max(1, step - first_step),
-                   max_tokens_per_micro_batch=max_micro_tokens)
-    if not interrupted:
-        ev, _ = evaluate(model, eval_batches, world)
-        record(step=step, eval_loss=ev, eval_ppl=math.exp(ev))
-        summary.update(eval_loss_after=ev, eval_ppl_after=math.exp(ev), total_time_s=time.time() - t_start)
-        save(step)
-        if rank == 0:
-            atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-        before = f"{eval_before:.4f} -> " if eval_before is not None else ""
-        log(f"done: {step} steps in {train_time / 60:.1f} min; eval loss {before}{ev:.4f} (ppl {math.exp(ev):.2f}); "
-            f"adapter in {out}")
-        if cfg.max_steps > 0 and device.type == "cpu" and rank == 0:
-            log(f"(a short run for a CPU; the full epoch on a GPU: python train.py {'--qlora ' if cfg.qlora else ''}"
-                f"--max-steps -1 --seq-len 1024 --batch-size 8 --eval-every 50)")
-    if metrics:
+            tok_s, peak = tokens * run.world / elapsed, peak_memory(run.device)
+            metrics.record(step=step, loss=loss, lr=lr, grad_norm=gnorm, tokens=tokens * run.world, tok_s=tok_s,
+                           elapsed=elapsed, peak_mem=peak)
+            if step % cfg.log_every == 0 or step == total:
+                eta = elapsed / (step - first) * (total - step)
+                run.log(f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:.1f} tok/s | "
+                        f"ETA {eta / 60:.1f} min | peak mem {peak / 2**30:.2f} GB")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                ev, _ = evaluate(model, eval_batches, run)
+                metrics.record(step=step, eval_loss=ev, eval_ppl=math.exp(ev))
+                run.log(f"eval at step {step}: loss {ev:.4f}, ppl {math.exp(ev):.2f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                save(run, model, opt, step)
+            if stop_vote or (cfg.stop_after and step >= cfg.stop_after):
+                stopped = stop.requested or ("a signal to another rank" if stop_vote else "--stop-after")
+        train_time = time.time() - t0
+        summary = dict(steps=step, total_steps=total, interrupted=step < total, final_loss=losses[-1] if losses else None,
+                       losses=losses, eval_loss_before=eval_before, tokens_per_s=tokens * run.world / max(train_time, 1e-9),
+                       train_time_s=train_time, peak_mem=peak_memory(run.device), device=str(run.device),
+                       dtype=str(run.dtype).replace("torch.", ""), trainable=info["trainable"], total_params=info["total"],
+                       memory=memory_breakdown(model, opt), runtime_rss=runtime_rss, out=str(run.out),
+                       tokens_per_step=tokens * run.world / max(1, step - first), max_tokens_per_micro_batch=max_micro)
+        if step < total:
+            save(run, model, opt, step)
+            run.log(f"stopped ({stopped}): checkpoint saved at step {step} in {run.out}; continue with the same "
+                    "flags and --resume")
+        else:
+            finish(run, model, opt, summary, eval_batches, t_start)
+    finally:
+        stop.restore()
         metrics.close()
-    if world > 1:
+    if run.world > 1:
         dist.barrier()
     return summary
 
 
-if __name__ == "__main__":
-    cfg = parse_args()
+def finish(run: Run, model, opt, summary: dict, eval_batches, t_start):
+    """After the last step: evaluate, save, write summary.json, say where everything is."""
+    cfg, step = run.cfg, summary["steps"]
+    ev, _ = evaluate(model, eval_batches, run)
+    summary.update(eval_loss_after=ev, eval_ppl_after=math.exp(ev), total_time_s=time.time() - t_start)
+    save(run, model, opt, step)
+    if run.rank == 0:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+        atomic_write(run.out / "summary.json", json.dumps(clean, indent=2))
+    before = f"{summary['eval_loss_before']:.4f} -> " if summary["eval_loss_before"] is not None else ""
+    run.log(f"done: {step} steps in {summary['train_time_s'] / 60:.1f} min; eval loss {before}{ev:.4f} "
+            f"(ppl {math.exp(ev):.2f}); adapter in {run.out}")
+    if cfg.max_steps > 0 and run.device.type == "cpu":
+        run.log(f"(a short run for a CPU; the full epoch on a GPU: python train.py {'--qlora ' if cfg.qlora else ''}"
+                f"--max-steps -1 --seq-len 1024 --batch-size 8 --eval-every 50)")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
     try:
-        summary = train(cfg)
+        summary = show(cfg) if cfg.show_example else train(cfg)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(4)
+    except SaveFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(74)
     except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -500,5 +725,12 @@ if __name__ == "__main__":
         print(f"error: out of memory ({str(e).splitlines()[0]}); try --qlora, --grad-checkpoint, a smaller "
               "--batch-size (with --grad-accum to keep the batch) or a shorter --seq-len", file=sys.stderr)
         sys.exit(3)
-    if summary.get("interrupted"):
+    except KeyboardInterrupt:
+        print("\nstopped at once (a second Ctrl-C), without a checkpoint", file=sys.stderr)
         sys.exit(130)
+    if summary.get("interrupted"):
+        sys.exit(75)
+
+
+if __name__ == "__main__":
+    main()

@@ -129,3 +129,18 @@ def test_real_fine_tune_losses_follow_adamw(tmp_path):
     ours = train(TrainConfig(out=str(tmp_path / "8bit"), optim="adamw8bit", **kw))["losses"]
     print("adamw", [f"{x:.4f}" for x in ref], "adamw8bit", [f"{x:.4f}" for x in ours])
     assert all(abs(a - b) <= 0.02 * a for a, b in zip(ref, ours))
+
+
+def test_load_state_dict_keeps_8bit_states_8bit():
+    """torch's Optimizer.load_state_dict casts state tensors to the parameter's dtype (uint8 codes -> fp32,
+    4x the memory, values unchanged, so only the dtype shows it); ours gives each its saved dtype back."""
+    p = torch.nn.Parameter(torch.randn(64, 128))
+    opt = AdamW8bit([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt2 = AdamW8bit([p])
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    dtypes = {k: t.dtype for k, t in opt2.state[p].items() if torch.is_tensor(t)}
+    assert dtypes == {"m_codes": torch.uint8, "v_codes": torch.uint8, "m_absmax": torch.float32,
+                      "v_absmax": torch.float32}
+    assert opt2.state_bytes() == opt.state_bytes()

@@ -1,6 +1,7 @@
 """train.py on a tiny checkpoint: learning, exact accumulation, exact resume, masks, DDP, bad input."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def test_steps_lower_the_loss(tiny_run, tmp_path, qlora):
     assert s["eval_loss_after"] < s["eval_loss_before"] - 0.2   # from ~ln(320): the model starts uniform
     assert sum(s["losses"][-5:]) < sum(s["losses"][:5])
     out = Path(s["out"])
-    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "checkpoint.pt",
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "checkpoint.safetensors",
             "summary.json", "train_config.json"} <= {p.name for p in out.iterdir()}
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "loss" in l] == list(range(1, 31))
@@ -136,3 +137,275 @@ def test_existing_run_is_not_overwritten(tiny_run, tmp_path):
     train(cfg)
     with pytest.raises(ValueError, match="already holds a run"):
         train(_cfg(tiny_run, tmp_path, max_steps=1))
+
+
+# -- through the real CLI: checkpoints that cannot run code, preemption, divergence, bad data --------------
+
+def _cli(tiny_run, out, *extra, timeout=300, **popen):
+    """argv of train.py on the tiny run (fp32, CPU, no dropout unless asked)."""
+    model, data = tiny_run
+    return [sys.executable, str(ROOT / "train.py"), "--model", str(model), "--data", str(data), "--out", str(out),
+            "--eval-examples", "8", "--batch-size", "4", "--seq-len", "64", "--lr", "5e-3", "--warmup-steps", "1",
+            "--log-every", "100", "--dtype", "float32", "--device", "cpu", *map(str, extra)]
+
+
+def _run(argv, **kw):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), **kw)
+
+
+def _stopped_run(tiny_run, tmp_path, name="part"):
+    """A run stopped at step 2 with a resumable checkpoint (the same exit as Ctrl-C or SIGTERM)."""
+    r = _run(_cli(tiny_run, tmp_path / name, "--max-steps", "6", "--stop-after", "2"))
+    assert r.returncode == 75, r.stderr[-2000:]
+    return tmp_path / name
+
+
+def test_pickle_in_checkpoint_never_runs(tiny_run, tmp_path):
+    """A pickle payload where a checkpoint should be is refused with one clear error, and never executed."""
+    import pickle
+    out = _stopped_run(tiny_run, tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    evil = pickle.dumps({"step": 1, "x": Payload()})
+    (out / "checkpoint.safetensors").write_bytes(evil)
+    r = _run(_cli(tiny_run, out, "--max-steps", "6", "--resume"))
+    assert r.returncode == 2 and "error:" in r.stderr and "checkpoint.safetensors" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    # An older version's pickle checkpoint.pt is not unpickled either.
+    (out / "checkpoint.safetensors").unlink()
+    (out / "checkpoint.pt").write_bytes(evil)
+    r = _run(_cli(tiny_run, out, "--max-steps", "6", "--resume"))
+    assert r.returncode == 2 and "checkpoint.pt is a pickle checkpoint" in r.stderr, r.stderr[-2000:]
+    assert not marker.exists()
+
+
+def test_truncated_or_foreign_checkpoint_is_one_clear_error(tiny_run, tmp_path):
+    out = _stopped_run(tiny_run, tmp_path)
+    ck = out / "checkpoint.safetensors"
+    whole = ck.read_bytes()
+    ck.write_bytes(whole[:len(whole) // 2])
+    r = _run(_cli(tiny_run, out, "--max-steps", "6", "--resume"))
+    assert r.returncode == 2 and f"{ck}: truncated safetensors file" in r.stderr, r.stderr[-2000:]
+    # A valid safetensors file that is not a checkpoint (the adapter, say) is refused too.
+    ck.write_bytes((out / "adapter_model.safetensors").read_bytes())
+    r = _run(_cli(tiny_run, out, "--max-steps", "6", "--resume"))
+    assert r.returncode == 2 and "not a training checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_then_resume_equals_uninterrupted(tiny_run, tmp_path):
+    """SIGTERM mid-run: the step under way finishes, a checkpoint is written, exit code 75; --resume
+    then ends with exactly the adapter of a run that was never stopped (dropout on: RNG restored)."""
+    import signal
+    import time
+    args = ("--max-steps", "300", "--dropout", "0.1")
+    p = subprocess.Popen(_cli(tiny_run, tmp_path / "part", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = tmp_path / "part" / "metrics.jsonl"
+    while p.poll() is None and not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 75, err[-2000:]
+    ck = json.loads(json.loads(open(tmp_path / "part/checkpoint.safetensors", "rb").read(
+        8 + int.from_bytes(open(tmp_path / "part/checkpoint.safetensors", "rb").read(8), "little"))[8:])
+        ["__metadata__"]["state"])
+    assert 3 <= ck["step"] < 300
+    r = _run(_cli(tiny_run, tmp_path / "part", *args, "--resume"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed from {tmp_path / 'part'}/checkpoint.safetensors at step {ck['step']}" in r.stdout
+    full = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "full"), max_steps=300, dropout=0.1))
+    a, b = _adapter(full["out"]), _adapter(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if '"loss"' in l]
+    assert steps == list(range(1, 301))   # no step logged twice
+
+
+def _pids_of_rank(parent: int, rank: int) -> list[int]:
+    """Worker processes of a torchrun agent with the given RANK, read from /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                if f"RANK={rank}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                    out.append(int(d.name))
+        except OSError:
+            pass
+    return out
+
+
+def test_sigterm_to_one_rank_stops_all_at_the_same_step(tiny_run, tmp_path):
+    """Under torchrun a signal that reaches one rank only stops every rank after the same step, with one
+    checkpoint; --resume under torchrun then ends exactly where a torchrun run never stopped ends."""
+    import signal
+    import time
+    model, data = tiny_run
+    run_args = ["--model", str(model), "--data", str(data), "--out", str(tmp_path / "two"), "--eval-examples", "8",
+                "--max-steps", "200", "--batch-size", "2", "--seq-len", "64", "--lr", "5e-3", "--warmup-steps", "1",
+                "--dropout", "0", "--dtype", "float32", "--device", "cpu", "--log-every", "100"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+                str(ROOT / "train.py")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(torchrun + run_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "two" / "metrics.jsonl"
+    while p.poll() is None and not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):
+        time.sleep(0.01)
+    (rank1,) = _pids_of_rank(p.pid, 1)
+    os.kill(rank1, signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert "stopped (a signal to another rank): checkpoint saved at step" in out, (out + err)[-3000:]
+    r = subprocess.run(torchrun + run_args + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    args_full = [tmp_path / "full" if a == str(tmp_path / "two") else a for a in run_args]
+    r = subprocess.run(torchrun + list(map(str, args_full)), capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "two")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _no_nan_anywhere(out: Path):
+    """Every saved file of a run is finite: safetensors tensors and strict JSON (no NaN/Infinity)."""
+    def strict(s):
+        raise ValueError(f"non-finite number {s} in a saved file")
+    for f in out.iterdir():
+        if f.suffix == ".safetensors":
+            assert all(torch.isfinite(t).all() for t in load_file(str(f)).values() if t.is_floating_point()), f
+        elif f.suffix in (".json", ".jsonl"):
+            for line in f.read_text().splitlines() if f.suffix == ".jsonl" else [f.read_text()]:
+                json.loads(line, parse_constant=strict)
+
+
+def test_divergence_stops_with_the_step_and_saves_no_nan(tiny_run, tmp_path):
+    out = tmp_path / "div"
+    r = _run(_cli(tiny_run, out, "--max-steps", "40", "--lr", "1e30", "--grad-clip", "0", "--warmup-steps", "0",
+                  "--save-every", "1"))
+    assert r.returncode == 4, (r.stdout + r.stderr)[-2000:]
+    m = re.search(r"error: (?:step (\d+): the loss is \S+ and the gradient norm \S+|after step (\d+) .* not finite)",
+                  r.stderr)
+    assert m and "training diverged" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    step = int(m.group(1) or m.group(2))
+    assert step < 40
+    _no_nan_anywhere(out)
+    if (out / "checkpoint.safetensors").is_file():   # the last good save is named and is a real one
+        assert "The last good checkpoint, step" in r.stderr
+
+
+BAD_DATA = {
+    "instruction_not_a_string": ('{"instruction": "a", "output": "b"}\n{"instruction": 5, "output": "b"}\n',
+                                 r":2: 'instruction' must be a string, got a number"),
+    "output_null": ('{"instruction": "a", "output": null}\n', r":1: 'output' must be a string, got null"),
+    "message_without_role": ('{"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}\n',
+                             r":1: messages\[0\] has no 'role'"),
+    "not_utf8": (b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n',
+                 r":2: not UTF-8 text"),
+    "neither_jsonl_nor_array": ("instruction,output\nhello,world\n", r":1: not valid JSON .*JSON Lines"),
+    "array_bad_element": ('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a"}\n]\n',
+                          r":3: 'output' must be a string, got nothing"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_is_one_error_with_file_and_line(tiny_run, tmp_path, case):
+    text, pattern = BAD_DATA[case]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(text if isinstance(text, bytes) else text.encode())
+    r = _run(_cli((tiny_run[0], bad), tmp_path / "run", "--max-steps", "2"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.search(re.escape(str(bad)) + pattern, r.stderr), r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_json_array_dataset_trains_like_jsonl(tiny_run, tmp_path):
+    from data import read_dataset
+    rows = [json.loads(l) for l in tiny_run[1].read_text().splitlines()]
+    (tmp_path / "data.json").write_text(json.dumps(rows, indent=2))
+    assert read_dataset(tmp_path / "data.json") == read_dataset(tiny_run[1])
+
+
+def test_adapter_on_another_base_of_the_same_shapes_is_refused(tiny_run, tmp_path):
+    """merge.py (and generate.py) refuse an adapter whose recorded base differs, before writing anything."""
+    import transformers
+    from conftest import write_tiny_tokenizer
+    other = tmp_path / "other"
+    torch.manual_seed(1)   # the same shapes as tiny_run's model, other weights
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**json.loads((tiny_run[0] / "config.json").read_text()))
+                                  ).save_pretrained(other)
+    write_tiny_tokenizer(other)
+    run = train(_cfg(tiny_run, tmp_path, max_steps=1))
+    for argv in ([str(ROOT / "merge.py"), "--model", str(other), "--adapter", run["out"], "--out", str(tmp_path / "m"),
+                  "--device", "cpu"],
+                 [str(ROOT / "generate.py"), "--model", str(other), "--adapter", run["out"], "--prompt", "hi",
+                  "--device", "cpu", "--max-new-tokens", "2"]):
+        r = _run([sys.executable, *argv])
+        assert r.returncode == 2 and "was trained on another base" in r.stderr and "--force" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.tmp").exists()
+    r = _run([sys.executable, str(ROOT / "merge.py"), "--model", str(other), "--adapter", run["out"],
+              "--out", str(tmp_path / "m"), "--device", "cpu", "--force"])
+    assert r.returncode == 0 and (tmp_path / "m/model.safetensors").is_file(), r.stderr[-2000:]
+
+
+def test_resume_on_another_base_is_refused(tiny_run, tmp_path):
+    import transformers
+    from conftest import write_tiny_tokenizer
+    out = _stopped_run(tiny_run, tmp_path)
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**json.loads((tiny_run[0] / "config.json").read_text()))
+                                  ).save_pretrained(other)
+    write_tiny_tokenizer(other)
+    # the same --model path, other weights behind it: only the fingerprint can tell
+    import shutil
+    shutil.rmtree(tiny_run[0])
+    shutil.copytree(other, tiny_run[0])
+    r = _run(_cli(tiny_run, out, "--max-steps", "6", "--resume"))
+    assert r.returncode == 2 and "was trained on another base" in r.stderr, r.stderr[-2000:]
+
+
+def test_full_disk_during_save_leaves_the_last_checkpoint(tiny_run, tmp_path, monkeypatch):
+    """The write of a save fails (ENOSPC): one clear error that says the previous save is intact, and it is."""
+    import errno
+    import safetensors.torch
+    from formats import load_state
+    from train import SaveFailed
+    real, calls = safetensors.torch.save_file, []
+
+    def fill_up(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > 2:   # the save at step 2 writes two files; the one at step 4 finds the disk full
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "save_file", fill_up)
+    cfg = _cfg(tiny_run, tmp_path, save_every=2, max_steps=6)
+    with pytest.raises(SaveFailed, match=r"could not save step 4 .*No space left on device.*step 2, is intact"):
+        train(cfg)
+    out = Path(cfg.out)
+    tensors, meta = load_state(out / "checkpoint.safetensors")
+    assert meta["step"] == 2
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert all(torch.equal(saved[f"base_model.model.{k[len('adapter.'):]}"], v)
+               for k, v in tensors.items() if k.startswith("adapter."))
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_show_example_marks_the_loss_and_eos(tiny_run, tmp_path):
+    r = _run(_cli(tiny_run, tmp_path / "run", "--show-example", "--seq-len", "256"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "<|im_start|>assistant\n[[" in r.stdout and "<|im_end|>]]" in r.stdout
+    assert "EOS '<|im_end|>' (id 257) carries loss" in r.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_responses_without_eos_are_refused(tiny_run, tmp_path):
+    """A tokenizer whose EOS is not the format's end-of-turn token: training would never learn to stop."""
+    cfg = json.loads((tiny_run[0] / "tokenizer_config.json").read_text())
+    (tiny_run[0] / "tokenizer_config.json").write_text(json.dumps(dict(cfg, eos_token="<|im_start|>")))
+    r = _run(_cli(tiny_run, tmp_path / "run", "--max-steps", "2"))
+    assert r.returncode == 2 and "not the tokenizer's EOS '<|im_start|>'" in r.stderr, r.stderr[-2000:]
+    assert "never learn to stop" in r.stderr and "--prompt-format" in r.stderr
+    assert not (tmp_path / "run").exists()
