@@ -16,7 +16,6 @@ missing, truncated or holds something unexpected is one ValueError / FileNotFoun
     model = load_model("path/to/hf_folder", quantize="nf4")
 """
 import json
-import os
 import shutil
 import struct
 import sys

@@ -300,7 +300,6 @@ def load_adapter(model: nn.Module, path, force: bool = False) -> dict:
     when the file records one, that the base is the one it was trained on (force=True skips that)."""
     cfg, tensors, meta = read_adapter(path)
     where = str(Path(path) / "adapter_model.safetensors")
-    check_base(model, meta.get("base_fingerprint"), where, cfg.get("base_model_name_or_path"), force)
     if not lora_layers(model):
         apply_lora(model, cfg["target_modules"], cfg["r"], cfg["lora_alpha"], 0.0, cfg.get("use_rslora", False))
     layers = lora_layers(model)
@@ -318,9 +317,11 @@ def load_adapter(model: nn.Module, path, force: bool = False) -> dict:
             raise ValueError(f"{where}: {n}: adapter shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit the "
                              f"model's A{tuple(m.lora_A.weight.shape)} B{tuple(m.lora_B.weight.shape)} "
                              "(an adapter for another base model?)")
-        with torch.no_grad():
-            m.lora_A.weight.copy_(a)
-            m.lora_B.weight.copy_(b)
+    check_base(model, meta.get("base_fingerprint"), where, cfg.get("base_model_name_or_path"), force)
+    with torch.no_grad():
+        for n, m in layers.items():
+            m.lora_A.weight.copy_(tensors[f"{PEFT_PREFIX}{n}.lora_A.weight"])
+            m.lora_B.weight.copy_(tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"])
     return cfg
 
 

@@ -25,22 +25,20 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from data import (IGNORE, check_eos, collate, collate_packed, encode_example, load_examples, load_tokenizer, pack,
                   prompt_format, show_example)
-from formats import load_model, load_state, release_freed_memory, save_state
-from lora import apply_lora, base_fingerprint, check_base, lora_layers, save_adapter
+from formats import load_model, release_freed_memory
+from lora import apply_lora, lora_layers
 from nf4 import NF4Linear
 from optim import AdamW8bit
+from runs import Diverged, Metrics, Run, SaveFailed, StopSignals, atomic_write, check_out_dir, last_good, resume, save
 
 
 @dataclass
@@ -100,44 +98,8 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
-class Diverged(RuntimeError):
-    """The loss or the gradients stopped being finite."""
-
-
-class SaveFailed(RuntimeError):
-    """A checkpoint could not be written (a full disk); the previous one is intact."""
-
-
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_FORMAT = "pure-qlora training checkpoint, version 1"
-# What must not change between a run and its --resume: the data order, the adapter's shape, the batch.
-RESUME_KEYS = ("model", "data", "rank", "targets", "qlora", "seq_len", "batch_size", "grad_accum", "seed")
-
-
 # ----------------------------------------------------------------------------------------------
 # Setup: where we run, the data, the model
-
-@dataclass
-class Run:
-    """Where and how this process trains: its config, device, place among the ranks, and run directory."""
-    cfg: TrainConfig
-    device: torch.device
-    dtype: torch.dtype
-    rank: int
-    world: int
-    out: Path
-    saved_step: int | None = None   # the step of the last complete save, named when something goes wrong
-
-    def log(self, *a):
-        if self.rank == 0:
-            print(*a, flush=True)
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over the ranks (nccl reduces CUDA tensors only, so it lives on the training device)."""
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
-
 
 def start(cfg: TrainConfig) -> Run:
     """Check the flags, pick device and dtype, join the other ranks under torchrun, check --out."""
@@ -204,27 +166,6 @@ def limit_heap_retention(kb: int = 256):
         ctypes.CDLL("libc.so.6").mallopt(-3, kb << 10)   # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass   # not glibc
-
-
-def check_out_dir(cfg) -> Path:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
-    has_run = (out / "train_config.json").is_file()
-    if cfg.resume and not ((out / CHECKPOINT).is_file() or (out / "checkpoint.pt").is_file()):
-        raise ValueError(f"--resume: {out}/{CHECKPOINT} does not exist (nothing to resume)")
-    if has_run and not cfg.resume and not cfg.overwrite:
-        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-                         "or choose another --out")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    try:   # a real write, not just the permission bits (read-only mounts, quotas)
-        import tempfile
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError:
-        raise PermissionError(f"--out {out}: {parent} is not writable") from None
-    return out
 
 
 def prepare_data(cfg: TrainConfig, tok, log=print):
@@ -394,164 +335,6 @@ def sum_gradients(run: Run, params, loss, stop: bool):
     return both[0], bool(both[1] > 0)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON, written whole or not at all
-
-def save(run: Run, model, opt, step: int):
-    """The adapter in peft's format and checkpoint.safetensors (adapters, optimizer, RNG states, step).
-    Nothing non-finite is ever written, and a write that fails (a full disk) leaves the last save whole:
-    the checkpoint goes to a temporary name and replaces the old one only once the adapter is written too.
-    Every rank takes part (the RNG states are gathered); rank 0 writes."""
-    tensors, meta = checkpoint_state(run, model, opt, step)
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise Diverged(f"after step {step} {bad[0]} (and {len(bad) - 1} more) holds values that are not finite: "
-                       f"training diverged; nothing was saved. {last_good(run)}")
-    if run.rank == 0:
-        tmp = run.out / (CHECKPOINT + ".tmp")
-        try:
-            save_state(tmp, tensors, meta)
-            save_adapter(model, run.out, base_name=run.cfg.model)
-            os.replace(tmp, run.out / CHECKPOINT)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise SaveFailed(f"could not save step {step} in {run.out} ({e.strerror or e}). {last_good(run)}") from None
-    run.saved_step = step
-
-
-def last_good(run: Run) -> str:
-    if run.saved_step is None:
-        return "No checkpoint had been saved before (--save-every N keeps one)."
-    return f"The last good checkpoint, step {run.saved_step}, is intact in {run.out}: continue with --resume."
-
-
-def checkpoint_state(run: Run, model, opt, step: int) -> tuple[dict, dict]:
-    """(tensors, JSON-able rest) of everything --resume needs."""
-    tensors = {f"adapter.{k}": v for k, v in model.state_dict().items() if "lora_" in k}
-    osd, scalars = opt.state_dict(), {}
-    for i, st in osd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optimizer.{i}.{k}"] = v
-            else:
-                scalars.setdefault(str(i), {})[k] = v
-    states = {"cpu": torch.get_rng_state()}
-    if run.device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(run.device)
-    for kind, s in states.items():   # every rank's own stream (dropout differs per rank)
-        every = [s]
-        if run.world > 1:
-            every = [torch.empty_like(s, device=run.device) for _ in range(run.world)]
-            dist.all_gather(every, s.to(run.device))
-        tensors.update({f"rng.{kind}.{r}": t.cpu() for r, t in enumerate(every)})
-    meta = dict(format=CHECKPOINT_FORMAT, step=step, world=run.world, config=asdict(run.cfg),
-                base_fingerprint=base_fingerprint(model),
-                optimizer=dict(param_groups=osd["param_groups"], scalars=scalars))
-    return tensors, meta
-
-
-def resume(run: Run, model, opt) -> int:
-    """Restore adapters, optimizer and RNG from checkpoint.safetensors; return its step. Nothing in the
-    file is executed; anything unexpected in it is one error naming it."""
-    path, cfg = run.out / CHECKPOINT, run.cfg
-    if not path.is_file():   # only the pickle checkpoint of an older version: never unpickled
-        raise ValueError(f"--resume: {run.out}/checkpoint.pt is a pickle checkpoint from an older version; it is "
-                         "not loaded, because unpickling a file can run any code in it. Start the run again "
-                         "(--overwrite)")
-    tensors, meta = load_state(path)
-    try:
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"its format is {meta.get('format')!r}, not {CHECKPOINT_FORMAT!r}")
-        for k in RESUME_KEYS:
-            if meta["config"][k] != getattr(cfg, k):
-                raise ValueError(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} differs from the run's "
-                                 f"{meta['config'][k]!r}")
-        if meta["world"] != run.world:
-            raise ValueError(f"it was saved by {meta['world']} process(es), this run has {run.world} (the batch "
-                             "of each step would change)")
-        check_base(model, meta["base_fingerprint"], str(path), meta["config"]["model"], cfg.force)
-        named = dict(model.named_parameters())
-        adapters = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
-        if set(adapters) != {n for n, p in named.items() if p.requires_grad}:
-            raise ValueError("it holds other adapter tensors than this model has")
-        for k, v in adapters.items():
-            if v.shape != named[k].shape:
-                raise ValueError(f"{k} has shape {tuple(v.shape)}, the model's is {tuple(named[k].shape)}")
-        state = {}
-        for k, v in tensors.items():
-            if k.startswith("optimizer."):
-                _, i, key = k.split(".", 2)
-                state.setdefault(int(i), {})[key] = v
-        for i, d in meta["optimizer"]["scalars"].items():
-            state.setdefault(int(i), {}).update(d)
-        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-                  for g in meta["optimizer"]["param_groups"]]
-        opt.load_state_dict(dict(state=state, param_groups=groups))
-        with torch.no_grad():
-            for k, v in adapters.items():
-                named[k].copy_(v)
-        torch.set_rng_state(tensors[f"rng.cpu.{run.rank}"])
-        if run.device.type == "cuda" and f"rng.cuda.{run.rank}" in tensors:
-            torch.cuda.set_rng_state(tensors[f"rng.cuda.{run.rank}"], run.device)
-        step = int(meta["step"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        msg = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
-        raise ValueError(f"--resume: {path}: cannot resume from it: {msg}") from None
-    run.saved_step = step
-    run.log(f"resumed from {path} at step {step}")
-    return step
-
-
-class Metrics:
-    """metrics.jsonl (rank 0): one JSON object per step and eval. On --resume, lines past the
-    checkpoint's step (steps done after the last save) are dropped, as those steps run again."""
-
-    def __init__(self, run: Run, step: int):
-        self.f = None
-        if run.rank == 0:
-            path = run.out / "metrics.jsonl"
-            kept = []
-            if step and path.is_file():
-                kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-            self.f = open(path, "w")
-            self.f.writelines(l + "\n" for l in kept)
-
-    def record(self, **kv):
-        if self.f:   # a number that is not finite is written as null: the file stays valid JSON
-            kv = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in kv.items()}
-            self.f.write(json.dumps(kv) + "\n")
-            self.f.flush()
-
-    def close(self):
-        if self.f:
-            self.f.close()
-
-
-class StopSignals:
-    """SIGTERM and SIGINT (Ctrl-C) ask the loop to stop after the step under way, with a checkpoint.
-    A second Ctrl-C stops at once; one within 2 s of the first is the same request (torchrun forwards
-    the terminal's Ctrl-C to each process, which then sees it twice)."""
-
-    def __init__(self):
-        self.requested, self.first, self.old = None, None, {}
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self.old[s] = signal.signal(s, self.handle)
-
-    def handle(self, signum, frame):
-        now = time.monotonic()
-        if self.first is None:
-            self.first, self.requested = now, signal.Signals(signum).name
-            os.write(2, f"\n{self.requested}: stopping after this step, with a checkpoint (Ctrl-C again to stop "
-                        "at once, without one)\n".encode())
-        elif signum == signal.SIGINT and now - self.first > 2:
-            raise KeyboardInterrupt
-
-    def restore(self):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-
-
 def status_bytes(field: str) -> int:
     """A memory line of /proc/self/status in bytes: VmRSS (resident now), VmHWM (peak resident)."""
     with open("/proc/self/status") as f:
@@ -582,12 +365,6 @@ def runtime_bytes(model, opt) -> int:
     data): RSS between two steps, less the weights, adapters and optimizer states alive then."""
     live = memory_breakdown(model, opt)
     return status_bytes("VmRSS") - live["base_weights"] - live["adapters"] - live["optimizer_states"]
-
-
-def atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -190,3 +190,16 @@ def test_dropout_mask_rate_and_redraw(device):
         m = _dropout_mask(x, p, 123)
         assert abs((1 - m.float().mean().item()) - p) < 6 * (p * (1 - p) / m.numel()) ** 0.5
         assert torch.equal(m, _dropout_mask(x, p, 123)) and not torch.equal(m, _dropout_mask(x, p, 124))
+
+
+def test_base_fingerprint_names_the_weights_not_the_dtype(tiny_ckpt, tmp_path):
+    """The same checkpoint in fp32 or bf16, 16-bit or NF4 base: one fingerprint; other weights of the
+    same shapes: another. And a peft adapter, which records none, loads as before (test_we_load_peft_adapter)."""
+    from conftest import make_hf_checkpoint
+    from lora import base_fingerprint
+    path, _ = tiny_ckpt
+    fps = {base_fingerprint(load_model(path, dt, quantize=q, device="cpu"))
+           for dt in (torch.float32, torch.bfloat16) for q in (None, "nf4")}
+    assert len(fps) == 1
+    make_hf_checkpoint(tmp_path / "other", seed=1)
+    assert base_fingerprint(load_model(tmp_path / "other", torch.float32, device="cpu")) not in fps
