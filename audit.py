@@ -81,7 +81,7 @@ def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8
     shapes = linear_shapes(a)
     t = [n for n in shapes if n in targets]
     q, kv, inter = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.intermediate_size
-    norms = 2 * (a.dim + 1) * 4                 # each RMSNorm keeps its input in fp32 and 1/rms
+    norms = 2 * (a.dim * b + 4)                 # each RMSNorm keeps its input and 1/rms (fp32)
     attn = (2 * q + 2 * kv) * b + a.n_heads * 4  # q, k, v after RoPE, the attention output, its fp32 log-sum-exp
     mlp = 2 * inter * b                          # gate and up (SwiGLU recomputes the rest)
     # An adapter keeps its input (a frozen linear alone keeps nothing): the norm outputs feeding
@@ -133,11 +133,12 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
     act = tokens * a.n_layers * (a.dim * b if grad_checkpoint else layer)
     if grad_checkpoint:   # one block's activations exist again while it is recomputed for backward
         act += tokens * layer
-    # Once per token: RoPE's cos and sin, the loss's dL/dh and its target mask. (The final norm keeps
+    # Once per token: RoPE's cos and sin, the loss's dL/dh and the int64 positions it gathers (one per
+    # target token; every token is counted as one, a small overestimate). (The final norm keeps
     # its input as every block's norms do, and the first block's attention norm keeps nothing: the
     # embeddings need no gradient. The two cancel. Without q/k/v adapters the first block keeps no
     # attention tensors either; we count them anyway, an overestimate of less than one block.)
-    act += tokens * (2 * a.head_dim * b + a.dim * b + 1)
+    act += tokens * (2 * a.head_dim * b + a.dim * b + 8)
     chunk = min(tokens, LMHeadLoss.CHUNK)
     lm_head = chunk * a.vocab_size * (4 + (b if b != 4 else 0))   # one chunk's fp32 logits (+ the matmul's output)
     block = tokens * 4 * a.intermediate_size * b + (max(i * o for i, o in shapes.values()) * b if mode == "qlora" else 0)
@@ -169,6 +170,19 @@ def eval_model(model, batches, keep_logprobs: int = 0):
 def kl(p_log, q_log) -> float:
     n = min(len(p_log), len(q_log))
     return (p_log[:n].exp() * (p_log[:n] - q_log[:n])).sum(-1).mean().item()
+
+
+def estimate_for_run(args: ModelArgs, cfg, mode: str, r: dict) -> dict:
+    """The estimate for a training run as it ran (its summary.json): its largest micro-batch counted
+    with padding (right-padded GPU rows compute on every position), its dtype and device."""
+    on_gpu = r["device"].startswith("cuda")
+    e = estimate_memory(args, mode, cfg.batch_size, cfg.seq_len, cfg.rank, cfg.targets.split(","), cfg.grad_checkpoint,
+                        4 if r["dtype"] == "float32" else 2, tokens=r["max_padded_tokens_per_micro_batch"],
+                        packed=cfg.pack or (not on_gpu and cfg.batch_size > 1),
+                        paged_device=on_gpu and (cfg.optim or "paged").startswith("paged") and mode == "qlora")
+    runtime = 0 if on_gpu else (r["runtime_rss"] or 0)   # CUDA's max_memory_allocated counts tensors only
+    return dict(e, runtime=runtime, predicted_peak=e["total"] + runtime, measured_peak=r["peak_mem"],
+                error=(e["total"] + runtime) / r["peak_mem"] - 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,17 +293,9 @@ def main(argv=None):
 
     # 4. the estimator, checked against the measured peaks (CPU: peak RSS = runtime + tensors)
     args = read_args(cfg.model)
-    est = {}
+    est = {m: estimate_for_run(args, cfg, m, runs[m]) for m in ("lora", "qlora")}
     for m in ("lora", "qlora"):
         r = runs[m]
-        on_gpu = r["device"].startswith("cuda")
-        e = estimate_memory(args, m, cfg.batch_size, cfg.seq_len, cfg.rank, cfg.targets.split(","), cfg.grad_checkpoint,
-                            4 if r["dtype"] == "float32" else 2, tokens=r["max_tokens_per_micro_batch"],
-                            packed=cfg.pack or (not on_gpu and cfg.batch_size > 1),
-                            paged_device=on_gpu and (cfg.optim or "paged").startswith("paged") and m == "qlora")
-        runtime = 0 if on_gpu else (r["runtime_rss"] or 0)   # CUDA's max_memory_allocated counts tensors only
-        est[m] = dict(e, runtime=runtime, predicted_peak=e["total"] + runtime, measured_peak=r["peak_mem"],
-                      error=(e["total"] + runtime) / r["peak_mem"] - 1)
         log(f"estimator {m}: predicted {est[m]['predicted_peak'] / 2**30:.2f} GB vs measured {r['peak_mem'] / 2**30:.2f} GB "
             f"({100 * est[m]['error']:+.0f}%)")
     big = {}

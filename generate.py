@@ -24,10 +24,10 @@ def generate(model, ids: list[int], max_new_tokens: int, temperature: float = 0.
     """Yield new token ids one at a time. temperature 0 = greedy."""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
-    cache = KVCache(model.args.n_layers)
+    cache = KVCache(model.args.n_layers, capacity=min(len(ids) + max_new_tokens, model.args.max_seq_len))
     x = torch.tensor([ids], device=device)
     for _ in range(max_new_tokens):
-        logits = model(x, cache=cache)[0, -1].float()
+        logits = model(x, cache=cache, last_only=True)[0, -1].float()
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:

@@ -73,8 +73,9 @@ def merge(model: str, adapter: str, out: str, dtype=torch.bfloat16, requantize: 
         raise ValueError(f"--requantize {requantize!r}: only nf4")
     read_adapter(adapter)
     check_base_and_adapter(model, adapter)   # before anything is written
-    # Compute in fp32 on CPU (bf16 matmuls are ~50x slower there); the files are written in `dtype`.
-    compute = None if (device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu" else torch.float32
+    # Compute in fp32 on every device (a bf16 merge would round embeddings, norms and W + BA through
+    # bf16 before a float16/float32 file is written); the files are written in `dtype`, rounded once.
+    compute = torch.float32
     tok = load_tokenizer(model)
     fmt = prompt_format(tok)
     m = load_model(model, compute, quantize="nf4" if from_nf4 else None, device=device)

@@ -97,10 +97,35 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalize in fp32 as HF does, then cast back before scaling by the weight.
+        # Normalize in fp32 as HF does, then cast back before scaling by the weight. In fp32 autograd
+        # keeps just x and 1/rms for backward; in 16 bits it would keep an fp32 copy of x (a quarter of
+        # a 7B block's saved activations), so there a function of our own keeps x as it is.
+        if x.dtype != torch.float32:
+            return _RMSNorm16.apply(x, self.weight, self.eps)
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class _RMSNorm16(torch.autograd.Function):
+    """RMSNorm of a 16-bit x: saves x (16-bit) and 1/rms (fp32); the backward runs in fp32.
+
+        y = x / rms(x),  out = w * y  =>  dx = (dout * w - y * mean(dout * w * y)) / rms(x)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, rstd = ctx.saved_tensors
+        y = x.float() * rstd
+        gw = g.float() * weight.float()
+        dx = (gw - y * (gw * y).mean(-1, keepdim=True)) * rstd
+        dw = (g.float() * y.to(x.dtype).float()).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype) \
+            if ctx.needs_input_grad[1] else None
+        return dx.to(x.dtype), dw, None
 
 
 def precompute_rope(args: ModelArgs, device=None) -> torch.Tensor:
@@ -136,20 +161,27 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer, for generation."""
+    """Keys and values of the tokens seen so far, per layer, in buffers allocated once for `capacity`
+    tokens (doubled if a sequence outgrows them): one write per new token, no copy of the whole cache."""
 
-    def __init__(self, n_layers: int):
-        self.k = [None] * n_layers
-        self.v = [None] * n_layers
+    def __init__(self, n_layers: int, capacity: int = 256):
+        self.k, self.v, self.n = [None] * n_layers, [None] * n_layers, [0] * n_layers
+        self.capacity = capacity
 
     def update(self, i, k, v):
-        if self.k[i] is not None:
-            k, v = torch.cat([self.k[i], k], dim=2), torch.cat([self.v[i], v], dim=2)
-        self.k[i], self.v[i] = k, v
-        return k, v
+        n, t = self.n[i], k.shape[2]
+        for buf, x in ((self.k, k), (self.v, v)):
+            if buf[i] is None or n + t > buf[i].shape[2]:   # allocate once; grow only if outgrown
+                new = x.new_empty(*x.shape[:2], max(self.capacity, 2 * (n + t) if n else t), x.shape[3])
+                if n:
+                    new[:, :, :n] = buf[i][:, :, :n]
+                buf[i] = new
+            buf[i][:, :, n:n + t] = x
+        self.n[i] = n + t
+        return self.k[i][:, :, :n + t], self.v[i][:, :, :n + t]
 
     def __len__(self):
-        return 0 if self.k[0] is None else self.k[0].shape[2]
+        return self.n[0]
 
 
 class Attention(nn.Module):
@@ -214,10 +246,12 @@ class SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        # In fp32 whatever the dtype (in bf16 the sigmoid's derivative loses ~1% for large gates), cast once.
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        return g * up * (sig + silu * (1 - sig)), g * silu
+        gf, uf, g32 = gate.float(), up.float(), g.float()
+        sig = torch.sigmoid(gf)
+        silu = gf * sig
+        return (g32 * uf * (sig + silu * (1 - sig))).to(gate.dtype), (g32 * silu).to(up.dtype)
 
 
 class Block(nn.Module):
@@ -282,8 +316,11 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, spans, cache)
         return self.model.norm(x)
 
-    def forward(self, input_ids, segment_ids=None, cache=None):
-        return self.lm_head(self.hidden(input_ids, segment_ids, cache))
+    def forward(self, input_ids, segment_ids=None, cache=None, last_only: bool = False):
+        """Logits (B, T, vocab); last_only: for the last position only (B, 1, vocab), as generation
+        needs: the vocabulary projection of every prompt position would be wasted."""
+        h = self.hidden(input_ids, segment_ids, cache)
+        return self.lm_head(h[:, -1:] if last_only else h)
 
 
 def segment_spans(segment_ids):

@@ -9,6 +9,8 @@ Bit-exact with bitsandbytes' CPU `quantize_4bit` (same rounding, same nibble ord
 the high nibble); formats.py reads and writes the file layout transformers + bitsandbytes use for 4-bit
 models. NF4Linear holds the packed weight in buffers; its autograd function keeps only those for backward.
 """
+import math
+
 import torch
 import torch.nn as nn
 
@@ -22,13 +24,23 @@ NF4_LEVELS = torch.tensor([
 # single gather that moves both values of a byte at once (5x faster than indexing a 16-entry table).
 NF4_PAIRS = torch.stack([NF4_LEVELS[torch.arange(256) >> 4], NF4_LEVELS[torch.arange(256) & 15]], dim=1)
 NF4_PAIR_WORDS = NF4_PAIRS.contiguous().view(torch.int64).view(-1)
+# Weights per chunk when quantizing and dequantizing: the fp32 and index temporaries stay a few tens of
+# MB whatever the layer's size (a 70B MLP matrix done whole made ~29 bytes of them per weight).
+CHUNK = 1 << 22
 _on_device = {}
 
 
+def _constant_on(table: torch.Tensor, device) -> torch.Tensor:
+    """One of this file's constant tables on `device`, copied there once: a copy per call would be a
+    host-to-device transfer, and a synchronisation, in every NF4 layer call and optimizer step."""
+    key = (id(table), device)
+    if key not in _on_device:
+        _on_device[key] = table.to(device)
+    return _on_device[key]
+
+
 def _pair_words(device) -> torch.Tensor:
-    if device not in _on_device:
-        _on_device[device] = NF4_PAIR_WORDS.to(device)
-    return _on_device[device]
+    return _constant_on(NF4_PAIR_WORDS, device)
 
 
 def dynamic_map(signed: bool = True) -> torch.Tensor:
@@ -102,7 +114,9 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block: int = 256):
 
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block: int = 256):
-    vals = code.to(q.device)[q.reshape(-1).long()]
+    table = _constant_on(code, q.device) if any(code is c for c in (DYNAMIC_SIGNED, DYNAMIC_UNSIGNED)) \
+        else code.to(q.device)
+    vals = table.index_select(0, q.reshape(-1).int())
     return _scale_blocks(vals, absmax, block).view(q.shape)
 
 
@@ -118,17 +132,25 @@ def _scale_blocks(vals: torch.Tensor, absmax: torch.Tensor, block: int) -> torch
 def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> dict:
     """Quantize any float tensor to NF4. Returns the state as a dict of tensors:
     packed (uint8, ceil(n/2)), absmax (fp32, or uint8 codes if double_quant) and, with
-    double_quant, nested_absmax (fp32 per 256 absmax values) and offset (fp32 scalar)."""
+    double_quant, nested_absmax (fp32 per 256 absmax values) and offset (fp32 scalar).
+    Done CHUNK weights at a time (blocks are independent, so the bytes are the same)."""
     if block_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
         raise ValueError(f"block_size {block_size}: must be a power of two in 32..4096")
     if not w.is_floating_point():
         raise ValueError(f"quantize_nf4 needs a float tensor, got {w.dtype}")
-    absmax, scaled = _blockwise_absmax_scale(w.reshape(-1).float(), block_size)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))   # the odd tail becomes code 7 (0.0)
-    q = nearest_code(scaled, NF4_LEVELS).to(torch.uint8)
-    state = dict(packed=(q[0::2] << 4) | q[1::2], absmax=absmax,
-                 shape=tuple(w.shape), dtype=w.dtype, block_size=block_size)
+    flat, n = w.reshape(-1), w.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=w.device)
+    step = max(block_size, CHUNK // block_size * block_size)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        am, scaled = _blockwise_absmax_scale(flat[s:e].float(), block_size)
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))   # the odd tail becomes code 7 (0.0)
+        q = nearest_code(scaled, NF4_LEVELS).to(torch.uint8)
+        packed[s // 2:s // 2 + q.numel() // 2] = (q[0::2] << 4) | q[1::2]
+        absmax[s // block_size:s // block_size + am.numel()] = am
+    state = dict(packed=packed, absmax=absmax, shape=tuple(w.shape), dtype=w.dtype, block_size=block_size)
     if double_quant:
         # The absmax values are all positive and similar; subtracting their mean centres them so
         # the signed 8-bit map spends its resolution where they are.
@@ -145,14 +167,22 @@ def nf4_absmax(state: dict) -> torch.Tensor:
 
 
 def dequantize_nf4(state: dict, dtype=None) -> torch.Tensor:
-    """Inverse of quantize_nf4: level * absmax in fp32 (as bitsandbytes), then cast to dtype."""
-    n = 1
-    for s in state["shape"]:
-        n *= s
-    packed = state["packed"]
-    vals = _pair_words(packed.device).index_select(0, packed.int()).view(torch.float32)[:n]
-    w = _scale_blocks(vals, nf4_absmax(state), state["block_size"])
-    return w.view(state["shape"]).to(dtype or state["dtype"])
+    """Inverse of quantize_nf4: level * absmax in fp32 (as bitsandbytes), then cast to dtype; a layer
+    larger than CHUNK weights goes chunk by chunk into the output, so no fp32 copy of it is ever whole."""
+    n, block, dtype = math.prod(state["shape"]), state["block_size"], dtype or state["dtype"]
+    packed, absmax = state["packed"], nf4_absmax(state)
+    words = _pair_words(packed.device)
+
+    def values(s, e):   # weights s..e (s a multiple of the chunk), fp32
+        v = words.index_select(0, packed[s // 2:(e + 1) // 2].int()).view(torch.float32)[:e - s]
+        return _scale_blocks(v, absmax[s // block:-(-e // block)], block)
+    if n <= CHUNK:
+        return values(0, n).view(state["shape"]).to(dtype)
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    step = CHUNK // block * block
+    for s in range(0, n, step):
+        out[s:min(n, s + step)] = values(s, min(n, s + step))
+    return out.view(state["shape"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,15 +61,16 @@ class AdamW8bit(torch.optim.Optimizer):
             if not self.state[p]:
                 self._init_state(p)
         paging = self.paged and any(p.is_cuda for _, p in work)
-        side = torch.cuda.Stream() if paging else None
+        device = work[0][1].device if paging else None
+        side = torch.cuda.Stream(device=device) if paging else None
         fetch = lambda p: self._fetch(p, side)
         nxt = fetch(work[0][1]) if work else None
         for i, (group, p) in enumerate(work):
             states = nxt
             if paging:
-                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.current_stream(device).wait_stream(side)
                 for t in states.values():
-                    t.record_stream(torch.cuda.current_stream())
+                    t.record_stream(torch.cuda.current_stream(device))
             # Prefetch the next parameter's states while this one computes.
             nxt = fetch(work[i + 1][1]) if i + 1 < len(work) else None
             self._update(group, p, states)
@@ -77,7 +78,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 for k, t in states.items():
                     self.state[p][k].copy_(t, non_blocking=True)
         if paging:
-            torch.cuda.current_stream().synchronize()
+            torch.cuda.current_stream(device).synchronize()
         return loss
 
     def _fetch(self, p, side):
@@ -85,7 +86,7 @@ class AdamW8bit(torch.optim.Optimizer):
         keys = [k for k in st if k != "step"]
         if side is None or not p.is_cuda:
             return {k: st[k] for k in keys}
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(torch.cuda.current_stream(p.device))
         with torch.cuda.stream(side):
             return {k: st[k].to(p.device, non_blocking=True) for k in keys}
 

@@ -28,6 +28,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -111,10 +112,13 @@ def start(cfg: TrainConfig) -> Run:
         raise ValueError(f"--cpu-mmap-kb {cfg.cpu_mmap_kb}: choose 1 to 32768 (glibc's largest mmap threshold is 32 MB)")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device, dtype = pick_device_dtype(cfg)
-    if world > 1:
-        if device.type == "cuda":
+    if device.type == "cuda":   # always: streams and synchronize() use the current device
+        if world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    if world > 1:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu":
@@ -243,9 +247,25 @@ def micro_batches(train_ex, step, run: Run) -> list[list]:
             for k in range(a)]
 
 
-def make_batch(examples, cfg, device, flat: bool):
-    """Tensors for one micro-batch. `flat` concatenates the examples into one row with segment ids:
-    no compute at all on padding (CPU). Otherwise right-padded rows with the fused causal kernel (GPU)."""
+class Batch(NamedTuple):
+    """One micro-batch on the device: ids (B, T), segment ids (B, T) or None, and the flat positions
+    that carry loss with their target ids. The positions are found on the CPU, before the copy: a
+    boolean mask applied on the GPU would make every step wait for the device to count them."""
+    ids: torch.Tensor
+    seg: torch.Tensor | None
+    where: torch.Tensor
+    targets: torch.Tensor
+
+
+def to_batch(ids, tgt, seg, device) -> Batch:
+    where = (tgt.reshape(-1) != IGNORE).nonzero().squeeze(1)
+    to = lambda t: None if t is None else t.to(device, non_blocking=True)
+    return Batch(to(ids), to(seg), to(where), to(tgt.reshape(-1)[where]))
+
+
+def make_batch(examples, cfg, device, flat: bool) -> Batch:
+    """One micro-batch. `flat` concatenates the examples into one row with segment ids: no compute at
+    all on padding (CPU). Otherwise right-padded rows with the fused causal kernel (GPU)."""
     if cfg.pack:
         ids, tgt, seg = collate_packed(pack(examples, cfg.seq_len))
     elif flat:
@@ -253,16 +273,15 @@ def make_batch(examples, cfg, device, flat: bool):
     else:
         ids, tgt, seg = collate(examples)
         seg = None   # right padding: causal attention never looks at the pads that follow
-    to = lambda t: None if t is None else t.to(device, non_blocking=True)
-    return to(ids), to(tgt), to(seg)
+    return to_batch(ids, tgt, seg, device)
 
 
-def loss_sum(model, ids, tgt, seg):
+def loss_sum(model, batch: Batch):
     """Sum of cross-entropy over target tokens. Only target positions go through lm_head: with a
     49k vocabulary the prompt tokens' logits would cost as much as the rest of the model."""
-    h = model.hidden(ids, seg)
-    keep = tgt != IGNORE
-    return LMHeadLoss.apply(h[keep], model.lm_head.weight, tgt[keep])
+    h = model.hidden(batch.ids, batch.seg)
+    return LMHeadLoss.apply(h.reshape(-1, h.shape[-1]).index_select(0, batch.where), model.lm_head.weight,
+                            batch.targets)
 
 
 class LMHeadLoss(torch.autograd.Function):
@@ -304,9 +323,9 @@ def evaluate(model, batches, run: Run) -> tuple[float, int]:
     """Token-weighted mean loss over the eval batches (each rank its share), and the token count."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=run.device)
-    for ids, tgt, seg in batches:
-        total[0] += loss_sum(model, ids, tgt, seg).double()
-        total[1] += (tgt != IGNORE).sum()
+    for b in batches:
+        total[0] += loss_sum(model, b).double()
+        total[1] += b.targets.numel()
     loss, n = run.sum(total).tolist()
     model.train()
     return (loss / n if n else float("nan")), int(n)   # nan: no eval split (--eval-examples 0)
@@ -411,12 +430,12 @@ def train(cfg: TrainConfig) -> dict:
                 g["lr"] = lr
             loss = torch.zeros((), dtype=torch.float64, device=run.device)
             for m in micro:
-                ids, tgt, seg = make_batch(m, cfg, run.device, flat)
-                micro_loss = loss_sum(model, ids, tgt, seg) / n_tok
+                batch = make_batch(m, cfg, run.device, flat)
+                micro_loss = loss_sum(model, batch) / n_tok
                 micro_loss.backward()
                 loss += micro_loss.detach()
-                n_real = sum(len(ex[0]) for ex in m)   # real tokens, padding not counted
-                tokens, max_micro = tokens + n_real, max(max_micro, n_real)
+                tokens += sum(len(ex[0]) for ex in m)   # real tokens, padding not counted
+                max_micro = max(max_micro, batch.ids.numel())   # with padding: what activations scale with
             loss, stop_vote = sum_gradients(run, params, loss, stop.requested is not None)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             loss, gnorm = loss.item(), gnorm.item()
@@ -453,7 +472,7 @@ def train(cfg: TrainConfig) -> dict:
                        train_time_s=train_time, peak_mem=peak_memory(run.device), device=str(run.device),
                        dtype=str(run.dtype).replace("torch.", ""), trainable=info["trainable"], total_params=info["total"],
                        memory=memory_breakdown(model, opt), runtime_rss=runtime_rss, out=str(run.out),
-                       tokens_per_step=tokens * run.world / max(1, step - first), max_tokens_per_micro_batch=max_micro)
+                       tokens_per_step=tokens * run.world / max(1, step - first), max_padded_tokens_per_micro_batch=max_micro)
         if step < total:
             save(run, model, opt, step)
             run.log(f"stopped ({stopped}): checkpoint saved at step {step} in {run.out}; continue with the same "

@@ -9,7 +9,7 @@ from audit import estimate_memory, main, saved_bytes_per_token_layer
 from lora import ALL_TARGETS, apply_lora
 from formats import load_model
 from optim import AdamW8bit
-from train import loss_sum, memory_breakdown
+from train import loss_sum, memory_breakdown, to_batch
 
 
 @pytest.mark.parametrize("mode", ["lora", "qlora"])
@@ -72,7 +72,7 @@ def _saved_activation_bytes(args, dtype, targets, dropout, nf4=False, packed=Tru
             seen[st.data_ptr()] = st.nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_sum(model, ids, ids, seg)
+        loss_sum(model, to_batch(ids, ids, seg, 'cpu'))
     return sum(seen.values())
 
 
@@ -112,3 +112,26 @@ def test_audit_report_has_every_section(tiny_run, tmp_path):
     for section in ("## Training", "## Quantization damage", "## Merge paths", "## Memory estimator", "## Verdict"):
         assert section in md
     assert all((tmp_path / "audit" / f).is_file() for f in ("loss.png", "memory.png", "estimate.png"))
+
+
+def test_estimator_counts_the_padding_of_padded_rows(tiny_run, tmp_path):
+    """GPU micro-batches are right-padded rows: activations scale with rows x longest row, not the real
+    tokens. The run records its largest micro-batch with padding, and the estimate uses that."""
+    from audit import estimate_for_run
+    from data import encode_example, load_tokenizer, prompt_format
+    from formats import read_args
+    from train import TrainConfig, make_batch, train
+    model, data = tiny_run
+    cfg = TrainConfig(model=str(model), data=str(data), out=str(tmp_path / "run"), max_steps=2, batch_size=4,
+                      seq_len=64, eval_examples=8, pack=True, device="cpu", dtype="float32")
+    s = train(cfg)
+    tok = load_tokenizer(model)
+    msgs = [[dict(role="user", content="Repeat: " + "red " * k), dict(role="assistant", content="red")] for k in (1, 9)]
+    ex = [encode_example(tok, prompt_format(tok), m, 64)[:2] for m in msgs]
+    padded = make_batch(ex, cfg, "cpu", flat=False)
+    assert padded.ids.numel() == 2 * max(len(i) for i, _ in ex) > sum(len(i) for i, _ in ex)
+    assert s["max_padded_tokens_per_micro_batch"] >= s["tokens_per_step"]   # packed rows, padded to the longest
+    gpu = dict(s, device="cuda:0", dtype="bfloat16", max_padded_tokens_per_micro_batch=4 * 64)
+    est = estimate_for_run(read_args(model), cfg, "lora", gpu)
+    want = estimate_memory(read_args(model), "lora", 4, 64, tokens=4 * 64, dtype_bytes=2, packed=True)
+    assert est["activations"] == want["activations"]

@@ -78,3 +78,18 @@ def test_adapter_for_another_base_fails_before_writing(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="do not fit"):
         merge(str(tiny_run[0]), str(tmp_path / "ad"), str(tmp_path / "out"), device="cpu")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_merge_computes_in_fp32_and_rounds_once(tiny_run, tmp_path):
+    """--dtype float16: each written tensor is the fp32 merge W + s*B@A rounded once to fp16 (merge.py
+    computes in fp32 on every device; a bf16 merge on a GPU would round through bf16 first)."""
+    from safetensors.torch import load_file
+    from lora import merge_lora
+    base = tiny_run[0]
+    ours = _adapter(base, tmp_path / "ad")
+    merge(str(base), str(tmp_path / "ad"), str(tmp_path / "m"), dtype=torch.float16, device="cpu")
+    written = load_file(str(tmp_path / "m/model.safetensors"))
+    ref = dict(merge_lora(ours, unwrap=True).named_parameters())
+    assert written.keys() == {k for k in ref if k != "lm_head.weight"}   # tied
+    for k, t in written.items():
+        assert t.dtype == torch.float16 and torch.equal(t, ref[k].detach().half()), k

@@ -312,3 +312,67 @@ def test_gguf_rope_freqs_equals_transformers_llama3(tmp_path):
     with pytest.raises(ValueError, match="rope_freqs"):
         save_hf_folder(tmp_path / "out", ours.args, model_tensors(ours))
     assert not (tmp_path / "out").exists()
+
+
+def test_swiglu_backward_in_bf16_rounds_once():
+    """bf16 inputs: the gradients are the exact (fp64) values rounded once to bf16, within one bf16 ulp;
+    computed in bf16 throughout, the sigmoid's derivative is off by several ulps for large gates."""
+    from model import SwiGLU
+    torch.manual_seed(0)
+    g = (torch.randn(64, 256) * 6).bfloat16().requires_grad_()
+    u = torch.randn(64, 256).bfloat16().requires_grad_()
+    w = torch.randn(64, 256).bfloat16()
+    SwiGLU.apply(g, u).backward(w)
+    g64, u64, w64 = g.detach().double(), u.detach().double(), w.double()
+    sig = torch.sigmoid(g64)
+    silu = g64 * sig
+    for got, exact in ((g.grad, w64 * u64 * (sig + silu * (1 - sig))), (u.grad, w64 * silu)):
+        ulp = torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(exact.abs().clamp(min=1e-30)))
+        assert ((got.double() - exact).abs() <= ulp).all()
+
+
+def test_rmsnorm_in_bf16_saves_its_input_not_an_fp32_copy():
+    """bf16: the gradients are fp32 autograd's on the same bf16 input, rounded once; what backward keeps
+    is x in bf16 and 1/rms (autograd would keep x.float(): twice the bytes)."""
+    from model import RMSNorm
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-5).bfloat16()
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+    x = torch.randn(5, 7, 96).bfloat16().requires_grad_()
+    g = torch.randn(5, 7, 96).bfloat16()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = norm(x)
+    xf, wf = x.detach().float().requires_grad_(), norm.weight.detach().float().requires_grad_()
+    ref = wf * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)   # bf16 output
+    out.backward(g)
+    ref.backward(g.float())
+    torch.testing.assert_close(x.grad, xf.grad.bfloat16(), atol=0, rtol=1e-2)
+    acts = [t for t in saved if t.data_ptr() != norm.weight.data_ptr()]
+    assert sum(t.numel() * t.element_size() for t in acts) == 5 * 7 * (96 * 2 + 4)
+
+
+def test_generation_computes_logits_for_the_last_position_only(tiny_ckpt):
+    """The prefill projects one position onto the vocabulary, not every prompt position; the cache
+    grows past its first capacity and the tokens stay those of the full forward."""
+    from generate import generate
+    path, _ = tiny_ckpt
+    m = load_model(path, torch.float32, device="cpu")
+    shapes = []
+    m.lm_head.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(inp[0].shape)))
+    ids = torch.randint(0, 256, (20,)).tolist()
+    out = list(generate(m, ids, 8))
+    assert shapes[0] == (1, 1, 64) and all(s == (1, 1, 64) for s in shapes)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(8):
+            x = torch.cat([x, m(x)[:, -1:].argmax(-1)], 1)
+    assert out == x[0, 20:].tolist()
+    cache = KVCache(m.args.n_layers, capacity=4)
+    with torch.no_grad():
+        m(torch.tensor([ids[:3]]), cache=cache)
+        for t in ids[3:12]:
+            last = m(torch.tensor([[t]]), cache=cache, last_only=True)
+    torch.testing.assert_close(last[:, -1], m(torch.tensor([ids[:12]]))[:, -1], atol=1e-5, rtol=0)

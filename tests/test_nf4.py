@@ -202,3 +202,65 @@ def test_quantization_error_per_layer():
     d = dequantize_nf4(quantize_nf4(w)) - w
     assert err["model.layers.0"]["mean_abs"] == pytest.approx(d.abs().mean().item())
     assert 0.05 < err["model.layers.0"]["rel"] < 0.15   # 4 bits on uniform-init weights: ~10% relative
+
+
+# -- large layers: chunked, with bounded temporaries; constant tables copied to a device once -----------
+
+@pytest.mark.parametrize("shape", [(130, 9), (4097,), (96, 200)])
+def test_chunked_quantize_and_dequantize_equal_whole(shape, monkeypatch):
+    """Blocks are independent: chunk by chunk gives the same bytes and values as the whole weight at once."""
+    import nf4
+    w = torch.randn(shape) * 0.02
+    whole = quantize_nf4(w)
+    monkeypatch.setattr(nf4, "CHUNK", 256)   # several chunks, a partial last block, an odd tail
+    chunked = quantize_nf4(w)
+    for k in ("packed", "absmax", "nested_absmax", "offset"):
+        assert torch.equal(chunked[k], whole[k]), k
+    for dt in (torch.float32, torch.bfloat16):
+        many = dequantize_nf4(chunked, dt)
+        monkeypatch.setattr(nf4, "CHUNK", 1 << 22)
+        assert torch.equal(many, dequantize_nf4(whole, dt))
+        monkeypatch.setattr(nf4, "CHUNK", 256)
+
+
+def _peak_growth(code: str) -> float:
+    """Peak RSS growth of `code` (after `setup`, in a fresh process, allocations over 64 KB mapped so
+    that freed memory leaves RSS), in MB."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    prog = ("import ctypes, sys, torch; sys.path.insert(0, %r); ctypes.CDLL('libc.so.6').mallopt(-3, 65536);"
+            "from nf4 import quantize_nf4, dequantize_nf4;"
+            "rss = lambda k: int(next(l for l in open('/proc/self/status') if l.startswith(k)).split()[1]) / 1024;"
+            "w = torch.randn(4096, 4096).bfloat16(); s = quantize_nf4(w); ctypes.CDLL('libc.so.6').malloc_trim(0);"
+            "open('/proc/self/clear_refs', 'w').write('5'); r0 = rss('VmRSS:');"
+            "%s; print(rss('VmHWM:') - r0)") % (str(root), code)
+    return float(subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, check=True).stdout)
+
+
+def test_quantize_and_dequantize_temporaries_are_bounded():
+    """A 4096 x 4096 bf16 weight (32 MB): quantizing it whole made ~29 bytes of temporaries per weight
+    (fp32 copies, int64 indices: ~460 MB); in chunks they stay near one chunk's. Dequantizing to bf16
+    writes the 32 MB output directly instead of an fp32 copy (64 MB) and its cast."""
+    q = _peak_growth("quantize_nf4(w)")
+    d = _peak_growth("x = dequantize_nf4(s, torch.bfloat16)")
+    print(f"peak RSS growth: quantize {q:.0f} MB, dequantize to bf16 {d:.0f} MB (output 32 MB)")
+    assert q < 160
+    assert d < 32 + 60
+
+
+def test_code_tables_are_copied_to_a_device_once(monkeypatch):
+    """dequantize_blockwise (the 8-bit optimizer states, double-quant absmax) must not copy its 256-value
+    table to the device on every call: on a GPU each copy is a host-device synchronisation."""
+    from nf4 import dequantize_blockwise, quantize_blockwise
+    q, absmax = quantize_blockwise(torch.randn(4096), DYNAMIC_SIGNED)
+    state = quantize_nf4(torch.randn(64, 64))
+    dequantize_blockwise(q, absmax, DYNAMIC_SIGNED)   # the first call may place it
+    calls = []
+    real = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: calls.append(a) or real(self, *a, **kw))
+    for _ in range(3):
+        dequantize_blockwise(q, absmax, DYNAMIC_SIGNED)
+        dequantize_nf4(state, torch.float32)
+    assert calls == [(torch.float32,)] * 3   # dequantize_nf4's cast of its result, nothing else
