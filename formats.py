@@ -535,14 +535,19 @@ def add_gguf_tokenizer(w, tok, source, vocab_size):
 # ----------------------------------------------------------------------------------------------
 # Loading: stream a checkpoint into a model built on the meta device
 
+def gpu_dtype(device) -> torch.dtype:
+    """bf16 where the GPU computes it natively (compute capability 8.0, Ampere, and later), else fp16:
+    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (a T4, a V100), and
+    emulated bf16 is slow and falls back to the math attention kernel."""
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
 def _target_dtype(dtype, device):
     if dtype is not None:
         return dtype
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # On a CPU without bf16 matmul units fp32 is ~50x faster than bf16 (DESIGN.md), so fp32 there.
-    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    return gpu_dtype(dev) if dev.type == "cuda" else torch.float32
 
 
 def _is_quantizable(name: str) -> bool:

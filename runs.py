@@ -53,6 +53,7 @@ class Run:
     rank: int
     world: int
     out: Path
+    scaler: object = None           # torch.amp.GradScaler: loss scaling for fp16 (pre-Ampere GPUs), else a no-op
     saved_step: int | None = None   # the step of the last complete save, named when something goes wrong
 
     def log(self, *a):
@@ -146,6 +147,8 @@ def checkpoint_state(run: Run, model, opt, step: int) -> tuple[dict, dict]:
     meta = dict(format=CHECKPOINT_FORMAT, step=step, world=run.world, config=asdict(run.cfg),
                 base_fingerprint=base_fingerprint(model),
                 optimizer=dict(param_groups=osd["param_groups"], scalars=scalars))
+    if run.scaler is not None and run.scaler.is_enabled():
+        meta["grad_scaler"] = run.scaler.state_dict()
     return tensors, meta
 
 
@@ -189,6 +192,8 @@ def resume(run: Run, model, opt) -> int:
         with torch.no_grad():
             for k, v in adapters.items():
                 named[k].copy_(v)
+        if "grad_scaler" in meta and run.scaler is not None:
+            run.scaler.load_state_dict(meta["grad_scaler"])
         torch.set_rng_state(tensors[f"rng.cpu.{run.rank}"])
         if run.device.type == "cuda" and f"rng.cuda.{run.rank}" in tensors:
             torch.cuda.set_rng_state(tensors[f"rng.cuda.{run.rank}"], run.device)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from data import (IGNORE, check_eos, collate, collate_packed, encode_example, load_examples, load_tokenizer, pack,
                   prompt_format, show_example)
-from formats import load_model, release_freed_memory
+from formats import gpu_dtype, load_model, release_freed_memory
 from lora import apply_lora, lora_layers
 from nf4 import NF4Linear
 from optim import AdamW8bit
@@ -123,7 +123,8 @@ def start(cfg: TrainConfig) -> Run:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu":
         limit_heap_retention(cfg.cpu_mmap_kb)
-    return Run(cfg, device, dtype, rank, world, check_out_dir(cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)   # fp16 gradients underflow unscaled
+    return Run(cfg, device, dtype, rank, world, check_out_dir(cfg), scaler)
 
 
 def pick_device_dtype(cfg):
@@ -131,7 +132,7 @@ def pick_device_dtype(cfg):
     if cfg.dtype:
         return device, getattr(torch, cfg.dtype)
     if device.type == "cuda":
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return device, gpu_dtype(device)   # fp16 (pre-Ampere) trains with a loss scaler
     # On CPU, bf16 matmuls are ~50x slower than fp32 unless the CPU has bf16 units (AVX512-BF16 or
     # AMX); only then do we time both (best of several, so one noisy sample cannot decide) and take the faster.
     try:
@@ -205,6 +206,7 @@ def build_model(run: Run):
     cfg = run.cfg
     torch.manual_seed(cfg.seed)   # the adapters' initialisation: the same on every rank
     model = load_model(cfg.model, run.dtype, quantize="nf4" if cfg.qlora else None, device=run.device)
+    load_peak = peak_memory(run.device)   # quantizing as weights stream in has a peak of its own
     if cfg.seq_len > model.args.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} is above the model's limit of {model.args.max_seq_len} tokens")
     info = apply_lora(model, cfg.targets.split(","), cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
@@ -219,8 +221,9 @@ def build_model(run: Run):
         opt = AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.optim.startswith("paged"))
     run.log(f"model: {cfg.model} in {str(run.dtype).replace('torch.', '')} on {run.device}, "
             f"{'QLoRA (NF4 base)' if cfg.qlora else 'LoRA'}; {len(info['wrapped'])} layers adapted, "
-            f"{info['trainable']:,} trainable of {info['total']:,} parameters; optimizer {cfg.optim}")
-    return model, params, opt, info
+            f"{info['trainable']:,} trainable of {info['total']:,} parameters; optimizer {cfg.optim}; "
+            f"peak mem while loading {load_peak / 2**30:.2f} GB")
+    return model, params, opt, dict(info, load_peak_mem=load_peak)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,18 +435,21 @@ def train(cfg: TrainConfig) -> dict:
             for m in micro:
                 batch = make_batch(m, cfg, run.device, flat)
                 micro_loss = loss_sum(model, batch) / n_tok
-                micro_loss.backward()
+                run.scaler.scale(micro_loss).backward()
                 loss += micro_loss.detach()
                 tokens += sum(len(ex[0]) for ex in m)   # real tokens, padding not counted
                 max_micro = max(max_micro, batch.ids.numel())   # with padding: what activations scale with
             loss, stop_vote = sum_gradients(run, params, loss, stop.requested is not None)
+            run.scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             loss, gnorm = loss.item(), gnorm.item()
-            if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            skipped = run.scaler.is_enabled() and not math.isfinite(gnorm)   # fp16 overflow: a smaller scale next
+            if not math.isfinite(loss) or not (math.isfinite(gnorm) or skipped):
                 raise Diverged(f"step {step + 1}: the loss is {loss} and the gradient norm {gnorm}: training "
                                f"diverged (learning rate {lr:.2e}{'' if cfg.grad_clip > 0 else ', no --grad-clip'}); "
                                f"the step was not applied and nothing was saved. {last_good(run)}")
-            opt.step()
+            run.scaler.step(opt)   # opt.step(), unless fp16 gradients overflowed
+            run.scaler.update()
             opt.zero_grad(set_to_none=True)
             step += 1
             if flat:
@@ -453,11 +459,12 @@ def train(cfg: TrainConfig) -> dict:
             elapsed = time.time() - t0
             tok_s, peak = tokens * run.world / elapsed, peak_memory(run.device)
             metrics.record(step=step, loss=loss, lr=lr, grad_norm=gnorm, tokens=tokens * run.world, tok_s=tok_s,
-                           elapsed=elapsed, peak_mem=peak)
-            if step % cfg.log_every == 0 or step == total:
+                           elapsed=elapsed, peak_mem=peak, **(dict(skipped=True) if skipped else {}))
+            if step % cfg.log_every == 0 or step == total or skipped:
                 eta = elapsed / (step - first) * (total - step)
                 run.log(f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:.1f} tok/s | "
-                        f"ETA {eta / 60:.1f} min | peak mem {peak / 2**30:.2f} GB")
+                        f"ETA {eta / 60:.1f} min | peak mem {peak / 2**30:.2f} GB"
+                        + (f" | update skipped (fp16 overflow; loss scale now {run.scaler.get_scale():g})" if skipped else ""))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 ev, _ = evaluate(model, eval_batches, run)
                 metrics.record(step=step, eval_loss=ev, eval_ppl=math.exp(ev))
@@ -469,7 +476,8 @@ def train(cfg: TrainConfig) -> dict:
         train_time = time.time() - t0
         summary = dict(steps=step, total_steps=total, interrupted=step < total, final_loss=losses[-1] if losses else None,
                        losses=losses, eval_loss_before=eval_before, tokens_per_s=tokens * run.world / max(train_time, 1e-9),
-                       train_time_s=train_time, peak_mem=peak_memory(run.device), device=str(run.device),
+                       train_time_s=train_time, peak_mem=peak_memory(run.device), load_peak_mem=info["load_peak_mem"],
+                       device=str(run.device),
                        dtype=str(run.dtype).replace("torch.", ""), trainable=info["trainable"], total_params=info["total"],
                        memory=memory_breakdown(model, opt), runtime_rss=runtime_rss, out=str(run.out),
                        tokens_per_step=tokens * run.world / max(1, step - first), max_padded_tokens_per_micro_batch=max_micro)

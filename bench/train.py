@@ -7,7 +7,8 @@ transformers + peft (+ bitsandbytes for QLoRA) on exactly the same batches, in t
     python bench/train.py --device cuda --model path/to/Llama-3.2-1B
 
 Prints real (non-padding) tokens/s and seconds/step (medians over the steps after the first) and the
-peak memory of each process (CPU: peak RSS; CUDA: max allocated).
+peak memory of each process (CPU: peak RSS, loading included for both; CUDA: max allocated during
+training, loading excluded for both).
 """
 import argparse
 import json
@@ -55,6 +56,7 @@ if mode == "qlora":
 m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, device_map=device, **kw)
 m = peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=cfg["targets"].split(","), task_type="CAUSAL_LM"))
 params = [p for p in m.parameters() if p.requires_grad]
+if device == "cuda": torch.cuda.reset_peak_memory_stats()   # like train.py: the training peak, not the loading one
 if mode == "qlora":
     import bitsandbytes as bnb
     opt = bnb.optim.PagedAdamW8bit(params, lr=5e-4)

@@ -257,6 +257,9 @@ def test_sigterm_to_one_rank_stops_all_at_the_same_step(tiny_run, tmp_path):
     os.kill(rank1, signal.SIGTERM)
     out, err = p.communicate(timeout=300)
     assert "stopped (a signal to another rank): checkpoint saved at step" in out, (out + err)[-3000:]
+    from formats import load_state
+    tensors, meta = load_state(tmp_path / "two/checkpoint.safetensors")
+    assert meta["world"] == 2 and not torch.equal(tensors["rng.cpu.0"], tensors["rng.cpu.1"])   # own dropout streams
     r = subprocess.run(torchrun + run_args + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     args_full = [tmp_path / "full" if a == str(tmp_path / "two") else a for a in run_args]
@@ -409,3 +412,27 @@ def test_responses_without_eos_are_refused(tiny_run, tmp_path):
     assert r.returncode == 2 and "not the tokenizer's EOS '<|im_start|>'" in r.stderr, r.stderr[-2000:]
     assert "never learn to stop" in r.stderr and "--prompt-format" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_fp16_trains_with_a_loss_scaler(tiny_run, tmp_path, monkeypatch):
+    """fp16 (what pre-Ampere GPUs get instead of emulated bf16) scales the loss: updates whose gradients
+    overflow are skipped and the scale lowered, the rest train; the scale survives --resume."""
+    import functools
+    from formats import load_state
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(real, init_scale=2.0 ** 40))
+    s = train(_cfg(tiny_run, tmp_path, dtype="float16", max_steps=30, lr=1e-2))
+    steps = [json.loads(l) for l in (Path(s["out"]) / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    skipped = [m["step"] for m in steps if m.get("skipped")]
+    assert skipped and skipped == list(range(1, len(skipped) + 1)) and len(skipped) < 25   # overflow at first, then not
+    assert s["eval_loss_after"] < s["eval_loss_before"] - 0.2
+    _no_nan_anywhere(Path(s["out"]))
+    part = _cfg(tiny_run, tmp_path, out=str(tmp_path / "part"), dtype="float16", max_steps=30, lr=1e-2,
+                stop_after=len(skipped) + 3)
+    train(part)
+    _, meta = load_state(tmp_path / "part/checkpoint.safetensors")
+    assert meta["grad_scaler"]["scale"] < 2.0 ** 40
+    part.stop_after, part.resume = 0, True
+    resumed = train(part)
+    a, b = _adapter(s["out"]), _adapter(resumed["out"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
