@@ -79,7 +79,7 @@ class TrainConfig:
     show_example: bool = False      # print the first training example as the model sees it (loss tokens marked), then exit
     seed: int = 0                   # data order, adapter init, dropout
     device: str = ""                # cpu | cuda (default: cuda if available)
-    dtype: str = ""                 # float32 | bfloat16 | float16 (default: bf16 on GPU, the faster of fp32/bf16 on CPU)
+    dtype: str = ""                 # float32 | bfloat16 | float16 (default: bf16 on GPUs with it, else fp16 + loss scaling; CPU: the faster of fp32/bf16)
     cpu_mmap_kb: int = 256          # CPU: allocations over this many KB get their own mapping (lower: less memory, slower)
 
 

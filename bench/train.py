@@ -28,13 +28,14 @@ def ours(mode, a, out):
            "--targets", TARGETS, "--dropout", "0", "--eval-examples", "0", "--log-every", "1000"]
     cmd += ["--qlora"] if mode == "qlora" else []
     cmd += ["--device", a.device] if a.device else []
+    cmd += ["--dtype", a.dtype] if a.dtype else []
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     dts = [b["elapsed"] - a_["elapsed"] for a_, b in zip(steps, steps[1:])]
     toks = [b["tokens"] - a_["tokens"] for a_, b in zip(steps, steps[1:])]
     return dict(s_step=statistics.median(dts), tok_s=statistics.median(t / d for t, d in zip(toks, dts)),
-                peak=max(r["peak_mem"] for r in steps))
+                peak=max(r["peak_mem"] for r in steps), dtype=json.loads((out / "summary.json").read_text())["dtype"])
 
 
 PEER = r'''
@@ -49,7 +50,7 @@ tok = load_tokenizer(model_dir); fmt = prompt_format(tok)
 train_convs, _ = load_examples("default", 0)
 ex = [encode_example(tok, fmt, c, seq_len) for c in train_convs]
 ex = [(i, t) for i, t, _ in ex if any(x != IGNORE for x in t)]
-kw = dict(dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+kw = dict(dtype=getattr(torch, cfg["dtype"]))
 if mode == "qlora":
     kw["quantization_config"] = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=kw["dtype"])
@@ -79,12 +80,12 @@ print(json.dumps(dict(s_step=statistics.median(dts[1:]), tok_s=statistics.median
 '''
 
 
-def peer(mode, a):
+def peer(mode, a, dtype):
     sys.path.insert(0, str(ROOT))
     from formats import default_model_dir
     model_dir = str(default_model_dir()) if a.model == "default" else a.model
     cfg = dict(root=str(ROOT), mode=mode, model=model_dir, steps=a.steps, seq_len=a.seq_len,
-               device=a.device or "cpu", targets=TARGETS)
+               device=a.device or "cpu", targets=TARGETS, dtype=dtype)
     r = subprocess.run([sys.executable, "-c", PEER, json.dumps(cfg)], capture_output=True, text=True)
     if r.returncode:
         print(r.stderr[-2000:])
@@ -98,6 +99,8 @@ def main():
     p.add_argument("--model", default="default")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default="", help="float32 | bfloat16 (default: train.py's choice); the peers run in "
+                   "the dtype ours ran in")
     p.add_argument("--peers", action="store_true", help="also run transformers+peft(+bitsandbytes) on the same batches")
     a = p.parse_args()
     res = {}
@@ -105,10 +108,10 @@ def main():
         for mode in ("lora", "qlora"):
             res[mode] = ours(mode, a, Path(tmp) / mode)
             print(f"ours {mode:5s}: {res[mode]['tok_s']:6.1f} real tok/s, {res[mode]['s_step']:.2f} s/step, "
-                  f"peak {res[mode]['peak'] / 2**30:.2f} GB", flush=True)
+                  f"peak {res[mode]['peak'] / 2**30:.2f} GB ({res[mode]['dtype']})", flush=True)
     if a.peers:
         for mode in ("lora", "qlora"):
-            r = peer(mode, a)
+            r = peer(mode, a, res[mode]["dtype"])   # the dtype ours ran in: like with like
             if r:
                 res["peer_" + mode] = r
                 print(f"peer {mode:5s}: {r['tok_s']:6.1f} real tok/s, {r['s_step']:.2f} s/step, peak {r['peak'] / 2**30:.2f} GB "
