@@ -14,6 +14,11 @@ Runs, with the same data, seed and hyperparameters (any train.py flag passes thr
   4. a memory estimator for models that do not fit here, checked against the measured peaks.
 Writes OUT/report.md, OUT/report.json and OUT/*.png.
 """
+import allocator
+
+if __name__ == "__main__":   # before torch is imported: re-executes this command line with mimalloc, if installed
+    allocator.preload()
+
 import argparse
 import json
 import math

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from allocator import release_freed_memory
 from defaults import cache_dir, default_gguf
 from model import Llama, ModelArgs, precompute_rope
 from nf4 import DYNAMIC_SIGNED, NF4_LEVELS, NF4Linear
@@ -553,15 +554,6 @@ def _target_dtype(dtype, device):
 def _is_quantizable(name: str) -> bool:
     # QLoRA quantizes the linears inside the blocks; embeddings, norms and lm_head stay 16-bit.
     return name.startswith("model.layers.") and name.endswith("_proj.weight")
-
-
-def release_freed_memory():
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and they count as RSS)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass   # not glibc: nothing to do
 
 
 class _Placer:

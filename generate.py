@@ -6,6 +6,11 @@ Generate text with the KV cache: a base model, a base + LoRA adapter, or a merge
     python generate.py --adapter runs/qlora --qlora --prompt "..."         # NF4 base + adapter, as trained
     python generate.py --no-chat --prompt "Once upon a time"               # raw continuation
 """
+import allocator
+
+if __name__ == "__main__":   # before torch is imported: re-executes this command line with mimalloc, if installed
+    allocator.preload()
+
 import argparse
 import sys
 import time

@@ -14,6 +14,11 @@ under a temporary name and renamed when complete; an adapter that does not fit t
 before anything is written. At the end a fidelity line compares the merged model, as written, with
 base + adapter.
 """
+import allocator
+
+if __name__ == "__main__":   # before torch is imported: re-executes this command line with mimalloc, if installed
+    allocator.preload()
+
 import argparse
 import sys
 from pathlib import Path

@@ -20,6 +20,11 @@ checkpoint.safetensors (adapters, optimizer, RNG states, step: what --resume nee
 JSON, so loading it cannot run code). Exit codes: 0 done, 2 bad input, 3 out of memory, 4 diverged,
 74 a save failed (a full disk: the previous save is intact), 75 stopped with a checkpoint.
 """
+import allocator
+
+if __name__ == "__main__":   # before torch is imported: re-executes this command line with mimalloc, if installed
+    allocator.preload()
+
 import argparse
 import json
 import math
@@ -35,7 +40,7 @@ import torch.distributed as dist
 
 from data import (IGNORE, check_eos, collate, collate_packed, encode_example, load_examples, load_tokenizer, pack,
                   prompt_format, show_example)
-from formats import gpu_dtype, load_model, release_freed_memory
+from formats import gpu_dtype, load_model
 from lora import apply_lora, lora_layers
 from nf4 import NF4Linear
 from optim import AdamW8bit
@@ -80,7 +85,7 @@ class TrainConfig:
     seed: int = 0                   # data order, adapter init, dropout
     device: str = ""                # cpu | cuda (default: cuda if available)
     dtype: str = ""                 # float32 | bfloat16 | float16 (default: bf16 on GPUs with it, else fp16 + loss scaling; CPU: the faster of fp32/bf16)
-    cpu_mmap_kb: int = 256          # CPU: allocations over this many KB get their own mapping (lower: less memory, slower)
+    cpu_mmap_kb: int = 256          # CPU with glibc's allocator (no mimalloc): allocations over this many KB get their own mapping (lower: less memory, slower)
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -121,8 +126,8 @@ def start(cfg: TrainConfig) -> Run:
     if world > 1:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu":
-        limit_heap_retention(cfg.cpu_mmap_kb)
+    if device.type == "cpu" and allocator.name() == "glibc":
+        allocator.limit_heap_retention(cfg.cpu_mmap_kb)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)   # fp16 gradients underflow unscaled
     return Run(cfg, device, dtype, rank, world, check_out_dir(cfg), scaler)
 
@@ -152,25 +157,6 @@ def pick_device_dtype(cfg):
             times.append(time.perf_counter() - t)
         return min(times)
     return device, torch.bfloat16 if best_time(torch.bfloat16) < 0.8 * best_time(torch.float32) else torch.float32
-
-
-def limit_heap_retention(kb: int = 256):
-    """On CPU, send every allocation over `kb` KB to its own mapping, returned to the OS when freed,
-    so that resident memory follows the live tensors (what the audit's estimator counts).
-
-    glibc raises its mmap threshold as large blocks are freed; activations then come from the heap,
-    and freed pages stay resident, fragmented between live blocks: the default QLoRA run peaked at
-    3.5 GB for ~1.5 GB of live tensors. Even at a fixed 1 MB threshold, big blocks are served from
-    free heap space that smaller saved tensors (per-segment attention outputs, dropout masks) keep
-    fragmented: forward grew 70-100 KB per token and layer for 41 KB of saved tensors (2.2 GB peak).
-    At 256 KB the heap holds only small objects and the peak is the saved tensors plus one loss
-    chunk (1.54 GB for the default QLoRA run). The price is speed: a fresh page costs ~1 us to fault
-    in on this VM, and steps ran at 95 tokens/s against 121-135 at 1 MB."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, kb << 10)   # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass   # not glibc
 
 
 def prepare_data(cfg: TrainConfig, tok, log=print):
@@ -222,7 +208,8 @@ def build_model(run: Run):
     run.log(f"model: {cfg.model} in {str(run.dtype).replace('torch.', '')} on {run.device}, "
             f"{'QLoRA (NF4 base)' if cfg.qlora else 'LoRA'}; {len(info['wrapped'])} layers adapted, "
             f"{info['trainable']:,} trainable of {info['total']:,} parameters; optimizer {cfg.optim}; "
-            f"peak mem while loading {load_peak / 2**30:.2f} GB")
+            f"peak mem while loading {load_peak / 2**30:.2f} GB"
+            + (f"; allocator {allocator.name()}" if run.device.type == "cpu" else ""))
     return model, params, opt, dict(info, load_peak_mem=load_peak)
 
 
@@ -453,7 +440,7 @@ def train(cfg: TrainConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             step += 1
             if flat:
-                release_freed_memory()   # the step's small freed blocks, or they pile up in the heap
+                allocator.release_freed_memory()   # glibc: the step's small freed blocks, or they pile up
                 runtime_rss = runtime_rss or runtime_bytes(model, opt)
             losses.append(loss)
             elapsed = time.time() - t0
