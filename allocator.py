@@ -1,26 +1,37 @@
 """
-The memory allocator under the CPU tensors: mimalloc when it is installed, else glibc held lean.
+The memory allocator under the CPU tensors: tcmalloc, jemalloc or mimalloc when one is installed, else
+glibc held lean.
 
 A training step frees and reallocates gigabytes of activations. glibc either keeps freed pages
 resident (fragmented between live blocks: RSS far above the live tensors) or, with a low mmap
 threshold, returns each block to the OS at once and faults every page of the next one back in
-(~1 us a page on a VM: training ran at less than half its speed). mimalloc keeps freed memory for
-reuse a short while and reuses it without page faults, at 10-15% more peak RSS than the lean glibc
-setting. An allocator replaces malloc only if it is loaded before the process starts, so each
-entry point (train.py, merge.py, generate.py, audit.py) calls preload() first: it re-executes the
-same command line once with LD_PRELOAD naming the libmimalloc.so of the cmeel-mimalloc wheel
-(requirements.txt). Under torchrun every worker does so itself. PURE_QLORA_ALLOCATOR=glibc turns it off.
+(~1 us a page on a VM: training runs at half its speed). The other allocators keep freed memory for
+reuse and reuse it without page faults, at 5-15% more peak RSS than the lean glibc setting. An
+allocator replaces malloc only if it is loaded before the process starts, so each entry point
+(train.py, merge.py, generate.py, audit.py) calls preload() first: it re-executes the same command
+line once with LD_PRELOAD naming the allocator. Under torchrun every worker does so itself.
+
+Measured side by side here (python bench/allocator.py; LoRA / QLoRA real tokens/s, peak RSS):
+tcmalloc 632 / 445 (1.41 / 1.23 GB), jemalloc 485 / 414 (1.41 / 1.24 GB), mimalloc 463 / 401
+(1.50 / 1.32 GB), glibc with a 256 KB mmap threshold 252 / 202 (1.33 / 1.18 GB). So the first one
+installed wins, in that order. Only mimalloc comes from PyPI (the cmeel-mimalloc wheel, in
+requirements.txt), so a fresh machine gets it; tcmalloc and jemalloc come from the system
+(Debian/Ubuntu: libtcmalloc-minimal4, libjemalloc2). PURE_QLORA_ALLOCATOR=tcmalloc|jemalloc|mimalloc
+picks one, =glibc keeps glibc.
 
     import allocator
-    allocator.preload()          # first line of an entry point's __main__
-    allocator.name()             # "mimalloc" or "glibc"
+    allocator.preload()          # first lines of an entry point, before torch is imported
+    allocator.name()             # "tcmalloc", "jemalloc", "mimalloc" or "glibc"
 
 This file imports nothing of the project.
 """
 import ctypes
+import ctypes.util
 import glob
 import os
 import sys
+
+FASTEST_FIRST = ("tcmalloc", "jemalloc", "mimalloc")
 
 
 def mimalloc_path() -> str | None:
@@ -32,21 +43,39 @@ def mimalloc_path() -> str | None:
     return None
 
 
+def find(allocator: str) -> str | None:
+    """Where an allocator's library is: a path, a soname the dynamic loader finds, or None."""
+    if allocator == "mimalloc":
+        return mimalloc_path()
+    return ctypes.util.find_library({"tcmalloc": "tcmalloc_minimal", "jemalloc": "jemalloc"}[allocator])
+
+
+def choose() -> tuple[str, str | None]:
+    """(name, library) that preload() loads: PURE_QLORA_ALLOCATOR's choice, else the fastest installed."""
+    want = os.environ.get("PURE_QLORA_ALLOCATOR", "auto")
+    if want == "glibc" or not sys.platform.startswith("linux"):
+        return "glibc", None
+    for n in (FASTEST_FIRST if want == "auto" else (want,)):
+        if n in FASTEST_FIRST and (lib := find(n)):
+            return n, lib
+    return "glibc", None
+
+
 def name() -> str:
+    """The allocator this process runs on: a preloaded one found in its memory map, else glibc."""
     try:
         with open("/proc/self/maps") as f:
-            return "mimalloc" if "libmimalloc" in f.read() else "glibc"
+            maps = f.read()
     except OSError:
         return "glibc"
+    return next((n for n in FASTEST_FIRST if f"lib{n}" in maps), "glibc")
 
 
 def preload():
-    """Re-execute this command line with mimalloc preloaded, once, if it is installed and not yet loaded."""
-    if os.environ.get("PURE_QLORA_ALLOCATOR", "mimalloc") != "mimalloc" or not sys.platform.startswith("linux"):
-        return
-    if os.environ.get("_PURE_QLORA_PRELOADED") or name() == "mimalloc":
+    """Re-execute this command line with the chosen allocator preloaded, once, unless one already runs."""
+    if os.environ.get("_PURE_QLORA_PRELOADED") or name() != "glibc":
         return   # the marker: a preload that did not take (an unloadable library) is not retried forever
-    lib = mimalloc_path()
+    chosen, lib = choose()
     if lib is None:
         return
     env = dict(os.environ, _PURE_QLORA_PRELOADED="1",

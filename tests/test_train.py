@@ -254,9 +254,10 @@ def test_sigterm_to_one_rank_stops_all_at_the_same_step(tiny_run, tmp_path):
     while p.poll() is None and not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):
         time.sleep(0.01)
     (rank0,), (rank1,) = _pids_of_rank(p.pid, 0), _pids_of_rank(p.pid, 1)
-    from allocator import mimalloc_path
-    if mimalloc_path():   # every worker re-executed itself with mimalloc preloaded
-        assert all("libmimalloc" in Path(f"/proc/{pid}/maps").read_text() for pid in (rank0, rank1))
+    from allocator import choose
+    chosen, lib = choose()
+    if lib:   # every worker re-executed itself with the allocator preloaded
+        assert all(f"lib{chosen}" in Path(f"/proc/{pid}/maps").read_text() for pid in (rank0, rank1))
     os.kill(rank1, signal.SIGTERM)
     out, err = p.communicate(timeout=300)
     assert "stopped (a signal to another rank): checkpoint saved at step" in out, (out + err)[-3000:]
@@ -442,11 +443,15 @@ def test_fp16_trains_with_a_loss_scaler(tiny_run, tmp_path, monkeypatch):
 
 
 def test_the_log_names_the_allocator(tiny_run, tmp_path):
-    """train.py re-executes itself with mimalloc when the cmeel-mimalloc wheel is installed, and says so;
-    PURE_QLORA_ALLOCATOR=glibc keeps glibc (with its mmap threshold)."""
-    from allocator import mimalloc_path
+    """train.py re-executes itself with the fastest allocator installed (mimalloc from requirements.txt on
+    a fresh machine) and says which; PURE_QLORA_ALLOCATOR=glibc keeps glibc (with its mmap threshold)."""
+    from allocator import choose, mimalloc_path
+    assert mimalloc_path()   # requirements.txt installs cmeel-mimalloc
     r = _run(_cli(tiny_run, tmp_path / "a", "--max-steps", "1"))
-    assert r.returncode == 0 and f"allocator {'mimalloc' if mimalloc_path() else 'glibc'}" in r.stdout, r.stderr
+    assert r.returncode == 0 and f"allocator {choose()[0]}" in r.stdout, r.stderr
     r = subprocess.run(_cli(tiny_run, tmp_path / "b", "--max-steps", "1"), capture_output=True, text=True,
                        env=dict(os.environ, PURE_QLORA_ALLOCATOR="glibc"), timeout=600)
     assert r.returncode == 0 and "allocator glibc" in r.stdout, r.stderr
+    r = subprocess.run(_cli(tiny_run, tmp_path / "c", "--max-steps", "1"), capture_output=True, text=True,
+                       env=dict(os.environ, PURE_QLORA_ALLOCATOR="mimalloc"), timeout=600)
+    assert r.returncode == 0 and "allocator mimalloc" in r.stdout, r.stderr
