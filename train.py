@@ -371,7 +371,9 @@ def memory_breakdown(model, opt) -> dict:
 
 def runtime_bytes(model, opt) -> int:
     """Everything resident that is not a tensor (Python, torch's code and threads, the tokenizer, the
-    data): RSS between two steps, less the weights, adapters and optimizer states alive then."""
+    data, the allocator's free memory kept for reuse, oneDNN's cache of bf16 matmul kernels, which grows
+    with each new micro-batch length): RSS between two steps, less the weights, adapters and optimizer
+    states alive then. train() keeps the largest over the steps."""
     live = memory_breakdown(model, opt)
     return status_bytes("VmRSS") - live["base_weights"] - live["adapters"] - live["optimizer_states"]
 
@@ -441,7 +443,7 @@ def train(cfg: TrainConfig) -> dict:
             step += 1
             if flat:
                 allocator.release_freed_memory()   # glibc: the step's small freed blocks, or they pile up
-                runtime_rss = runtime_rss or runtime_bytes(model, opt)
+                runtime_rss = max(runtime_rss or 0, runtime_bytes(model, opt))   # caches grow with new shapes
             losses.append(loss)
             elapsed = time.time() - t0
             tok_s, peak = tokens * run.world / elapsed, peak_memory(run.device)
