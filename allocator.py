@@ -101,9 +101,16 @@ def limit_heap_retention(kb: int = 256):
         pass   # not glibc
 
 
-def release_freed_memory():
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and they count as RSS)."""
+def release_freed_memory(force: bool = False):
+    """Hand freed heap pages back to the OS. glibc: malloc_trim, cheap enough for every step (it keeps
+    them otherwise, and they count as RSS). force=True also asks mimalloc or tcmalloc to return the free
+    memory they keep for reuse: done once, before measuring what is resident besides the tensors."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        if name() == "glibc":
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        elif force and name() == "mimalloc":
+            ctypes.CDLL(None).mi_collect(ctypes.c_bool(True))
+        elif force and name() == "tcmalloc":
+            ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory()
     except (OSError, AttributeError):
-        pass   # not glibc: nothing to do
+        pass   # not glibc, or the symbol is not there: nothing to do

@@ -371,9 +371,9 @@ def memory_breakdown(model, opt) -> dict:
 
 def runtime_bytes(model, opt) -> int:
     """Everything resident that is not a tensor (Python, torch's code and threads, the tokenizer, the
-    data, the allocator's free memory kept for reuse, oneDNN's cache of bf16 matmul kernels, which grows
-    with each new micro-batch length): RSS between two steps, less the weights, adapters and optimizer
-    states alive then. train() keeps the largest over the steps."""
+    data, oneDNN's cache of bf16 matmul kernels, which grows with each new micro-batch length): RSS
+    less the weights, adapters and optimizer states alive. train() measures it after the last step,
+    with the allocator's free memory handed back first."""
     live = memory_breakdown(model, opt)
     return status_bytes("VmRSS") - live["base_weights"] - live["adapters"] - live["optimizer_states"]
 
@@ -443,7 +443,6 @@ def train(cfg: TrainConfig) -> dict:
             step += 1
             if flat:
                 allocator.release_freed_memory()   # glibc: the step's small freed blocks, or they pile up
-                runtime_rss = max(runtime_rss or 0, runtime_bytes(model, opt))   # caches grow with new shapes
             losses.append(loss)
             elapsed = time.time() - t0
             tok_s, peak = tokens * run.world / elapsed, peak_memory(run.device)
@@ -463,6 +462,9 @@ def train(cfg: TrainConfig) -> dict:
             if stop_vote or (cfg.stop_after and step >= cfg.stop_after):
                 stopped = stop.requested or ("a signal to another rank" if stop_vote else "--stop-after")
         train_time = time.time() - t0
+        if flat and step > first:   # after the last step, when the caches have grown to their size
+            allocator.release_freed_memory(force=True)
+            runtime_rss = runtime_bytes(model, opt)
         summary = dict(steps=step, total_steps=total, interrupted=step < total, final_loss=losses[-1] if losses else None,
                        losses=losses, eval_loss_before=eval_before, tokens_per_s=tokens * run.world / max(train_time, 1e-9),
                        train_time_s=train_time, peak_mem=peak_memory(run.device), load_peak_mem=info["load_peak_mem"],
