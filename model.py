@@ -206,23 +206,20 @@ class Attention(nn.Module):
         if spans is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
-            # One causal attention per segment, on its own slice: no (T, T) mask is ever built, the
-            # fused kernels apply, and padding costs nothing. Padding positions get zeros.
-            rows = []
-            for b, row in enumerate(spans):
-                pieces, at = [], 0
-                for s, e in row:
-                    if s > at:
-                        pieces.append(q.new_zeros(1, self.n_heads, s - at, self.hd))
-                    pieces.append(F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
-                                                                 v[b:b + 1, :, s:e], is_causal=True, enable_gqa=gqa))
-                    at = e
-                if at < T:
-                    pieces.append(q.new_zeros(1, self.n_heads, T - at, self.hd))
-                rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
-            y = torch.cat(rows) if B > 1 else rows[0]
+            y = segment_attention(q, k, v, spans, gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
+
+@torch.compiler.disable   # a loop over the segments: compiled, it would be unrolled and recompiled for every batch
+def segment_attention(q, k, v, spans: torch.Tensor, gqa: bool):
+    """Causal attention within each segment, on its own slice: no (T, T) mask is ever built, the fused
+    kernels apply, and padding costs nothing (it gets zeros). spans: (segments, 3) rows of (row, start, end),
+    a tensor rather than a list so that torch.compile sees one input, not a new constant every batch."""
+    y = q.new_zeros(q.shape)
+    for b, s, e in spans.tolist():
+        y[b:b + 1, :, s:e] = F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
+                                                            v[b:b + 1, :, s:e], is_causal=True, enable_gqa=gqa)
+    return y
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -288,6 +285,13 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", precompute_rope(args), persistent=False)
         self.grad_checkpoint = False
 
+    def compile_blocks(self, **kw):
+        """torch.compile each block in place, regionally as torchtune does: every block runs the same code
+        on parameters the compiled graph takes as inputs, so one compilation serves all layers and the
+        compile time does not grow with depth. The segment loop of attention stays eager (named there)."""
+        for layer in self.model.layers:
+            layer.compile(**kw)
+
     def hidden(self, input_ids, segment_ids=None, cache=None):
         """Final hidden states (B, T, dim).
 
@@ -324,15 +328,15 @@ class Llama(nn.Module):
 
 
 def segment_spans(segment_ids):
-    """Per row, the (start, end) of each run of equal non-zero ids, and positions restarting at 0 in each."""
+    """The (row, start, end) of each run of equal non-zero ids, as a (segments, 3) CPU tensor, and the
+    positions (B, T), restarting at 0 in each run."""
     spans, positions = [], torch.zeros(segment_ids.shape, dtype=torch.long)
     for b, row in enumerate(segment_ids.tolist()):
-        runs, s = [], 0
+        s = 0
         for t in range(1, len(row) + 1):
             if t == len(row) or row[t] != row[s]:
                 if row[s] != 0:
-                    runs.append((s, t))
+                    spans.append((b, s, t))
                     positions[b, s:t] = torch.arange(t - s)
                 s = t
-        spans.append(runs)
-    return spans, positions.to(segment_ids.device)
+    return torch.tensor(spans, dtype=torch.long).view(-1, 3), positions.to(segment_ids.device)

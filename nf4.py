@@ -39,6 +39,13 @@ def _constant_on(table: torch.Tensor, device) -> torch.Tensor:
     return _on_device[key]
 
 
+def place_tables(device) -> None:
+    """Copy the dequantization tables to `device` now. torch.compile traces dequantize, and a first copy
+    made while it traces is a side effect it cannot keep (it stops with an error), so call this first."""
+    for table in (NF4_PAIR_WORDS, DYNAMIC_SIGNED, DYNAMIC_UNSIGNED):
+        _constant_on(table, torch.device(device))
+
+
 def _pair_words(device) -> torch.Tensor:
     return _constant_on(NF4_PAIR_WORDS, device)
 

@@ -42,7 +42,7 @@ from data import (IGNORE, check_eos, collate, collate_packed, encode_example, lo
                   prompt_format, show_example)
 from formats import gpu_dtype, load_model
 from lora import apply_lora, lora_layers
-from nf4 import NF4Linear
+from nf4 import NF4Linear, place_tables
 from optim import AdamW8bit
 from runs import Diverged, Metrics, Run, SaveFailed, StopSignals, atomic_write, check_out_dir, last_good, resume, save
 
@@ -77,6 +77,7 @@ class TrainConfig:
     save_every: int = 0             # save adapter + checkpoint every N steps (0 = only at the end)
     log_every: int = 1              # progress line every N steps
     grad_checkpoint: bool = False   # recompute each block in backward to save activation memory
+    compile: bool = False           # torch.compile each block (one compilation serves every layer; the first two steps pay for it)
     resume: bool = False            # continue the run in --out from its checkpoint
     stop_after: int = 0             # stop after this many steps with a resumable checkpoint (0 = run to the end)
     overwrite: bool = False         # replace an existing run in --out
@@ -85,7 +86,7 @@ class TrainConfig:
     seed: int = 0                   # data order, adapter init, dropout
     device: str = ""                # cpu | cuda (default: cuda if available)
     dtype: str = ""                 # float32 | bfloat16 | float16 (default: bf16 on GPUs with it, else fp16 + loss scaling; CPU: the faster of fp32/bf16)
-    cpu_mmap_kb: int = 256          # CPU with glibc's allocator (no mimalloc): allocations over this many KB get their own mapping (lower: less memory, slower)
+    cpu_mmap_kb: int = 256          # CPU on glibc (no tcmalloc, jemalloc or mimalloc): allocations over this many KB get their own mapping (lower: less memory, slower)
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -200,6 +201,9 @@ def build_model(run: Run):
         torch.manual_seed(cfg.seed + 1_000_003 * run.rank)   # the others draw their own dropout masks
     model.grad_checkpoint = cfg.grad_checkpoint
     model.train()
+    if cfg.compile:
+        place_tables(run.device)
+        model.compile_blocks()
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optim == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -208,7 +212,7 @@ def build_model(run: Run):
     run.log(f"model: {cfg.model} in {str(run.dtype).replace('torch.', '')} on {run.device}, "
             f"{'QLoRA (NF4 base)' if cfg.qlora else 'LoRA'}; {len(info['wrapped'])} layers adapted, "
             f"{info['trainable']:,} trainable of {info['total']:,} parameters; optimizer {cfg.optim}; "
-            f"peak mem while loading {load_peak / 2**30:.2f} GB"
+            f"peak mem while loading {load_peak / 2**30:.2f} GB" + ("; blocks compiled" if cfg.compile else "")
             + (f"; allocator {allocator.name()}" if run.device.type == "cpu" else ""))
     return model, params, opt, dict(info, load_peak_mem=load_peak)
 
