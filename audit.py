@@ -1,7 +1,7 @@
 """
 The audit: what LoRA and QLoRA really cost on your model and data, side by side, measured.
 
-    python audit.py                                   # default model and data, ~20 min on a 2-core CPU
+    python audit.py                                   # default model and data, ~27 min on a 2-core CPU (fp32)
     python audit.py --model path/to/hf_folder --data my.jsonl --max-steps 200 --out audit_mine
     python audit.py --estimate-only --preset Llama-2-7B --seq-len 512 --batch-size 1 --grad-checkpoint
 

@@ -289,6 +289,11 @@ class Llama(nn.Module):
         """torch.compile each block in place, regionally as torchtune does: every block runs the same code
         on parameters the compiled graph takes as inputs, so one compilation serves all layers and the
         compile time does not grow with depth. The segment loop of attention stays eager (named there)."""
+        # AOTAutograd's common-subexpression pass sees that an NF4 layer's backward dequantizes the same
+        # buffers as its forward and keeps the forward's dequantized weight for backward instead: every
+        # layer's weight in 16/32 bits, what QLoRA exists to avoid (a saved-tensors test counts it).
+        import torch._functorch.config
+        torch._functorch.config.cse = False
         for layer in self.model.layers:
             layer.compile(**kw)
 

@@ -6,6 +6,7 @@ Fine-tune a Llama-family model with LoRA (16-bit base) or QLoRA (NF4 base + page
     python train.py --qlora --model path/to/hf_folder --data my.jsonl --max-steps -1 --seq-len 1024
     python train.py --show-example                   # the first training example as the model sees it
     python train.py --qlora --resume                 # continue runs/qlora where it stopped
+    python train.py --qlora --compile                # torch.compile each block: ~1 min to compile, then faster steps
     torchrun --nproc_per_node 2 train.py --qlora     # data-parallel on 2 GPUs (or CPU processes)
 
 Stopping: Ctrl-C, SIGTERM (what SLURM, Kubernetes and spot instances send) or --stop-after finish the

@@ -4,6 +4,7 @@ transformers + peft (+ bitsandbytes for QLoRA) on exactly the same batches, in t
 
     python bench/train.py                        # default model, r=8, alpha=16, 7 targets, seq <= 256, batch 4
     python bench/train.py --steps 40 --peers     # also transformers+peft(+bitsandbytes): ~15 min more on 2 cores
+    python bench/train.py --compile              # also ours with --compile: compile time, then steady-state speed
     python bench/train.py --device cuda --model path/to/Llama-3.2-1B
 
 Prints real (non-padding) tokens/s, seconds/step and useful FLOP/s (medians over the steps after the
@@ -74,22 +75,37 @@ def step_flops(a, steps: int) -> list:
             for s in range(steps)]
 
 
-def ours(mode, a, out):
+def ours(mode, a, out, compile=False):
     cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(out), "--overwrite", "--max-steps", str(a.steps),
            "--model", a.model, "--seq-len", str(a.seq_len), "--batch-size", "4", "--rank", "8", "--alpha", "16",
            "--targets", TARGETS, "--dropout", "0", "--eval-examples", "0", "--log-every", "1000"]
     cmd += ["--qlora"] if mode == "qlora" else []
     cmd += ["--device", a.device] if a.device else []
     cmd += ["--dtype", a.dtype] if a.dtype else []
+    cmd += ["--compile"] if compile else []
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     dts = [b["elapsed"] - a_["elapsed"] for a_, b in zip(steps, steps[1:])]
     toks = [b["tokens"] - a_["tokens"] for a_, b in zip(steps, steps[1:])]
     flops = step_flops(a, a.steps)[1:]   # row i is step i + 1; its time is elapsed[i] - elapsed[i - 1]
-    return dict(s_step=statistics.median(dts), tok_s=statistics.median(t / d for t, d in zip(toks, dts)),
+    # The first step's time is elapsed[0] (no row before it); with --compile the first two steps compile
+    # (static shapes, then dynamic ones), so what they took above the median is the compile time.
+    first_two = steps[0]["elapsed"] + dts[0]
+    summary = json.loads((out / "summary.json").read_text())
+    return dict(s_step=statistics.median(dts), first_two=first_two, tok_s=statistics.median(t / d for t, d in zip(toks, dts)),
                 flop_s=statistics.median(f / d for f, d in zip(flops, dts)),
-                peak=max(r["peak_mem"] for r in steps), dtype=json.loads((out / "summary.json").read_text())["dtype"])
+                peak=max(r["peak_mem"] for r in steps), dtype=summary["dtype"], predicted=estimate(mode, a, summary))
+
+
+def estimate(mode, a, summary) -> float:
+    """audit.py's memory estimate for this run as it ran (its largest micro-batch, dtype, device)."""
+    from audit import estimate_for_run
+    from formats import read_args
+    from train import TrainConfig
+    cfg = TrainConfig(model=a.model, seq_len=a.seq_len, batch_size=4, rank=8, alpha=16, targets=TARGETS, dropout=0.0,
+                      qlora=mode == "qlora")
+    return estimate_for_run(read_args(a.model), cfg, mode, summary)["predicted_peak"]
 
 
 PEER = r'''
@@ -112,6 +128,8 @@ m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, device_map=devi
 m = peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=cfg["targets"].split(","), task_type="CAUSAL_LM"))
 params = [p for p in m.parameters() if p.requires_grad]
 if device == "cuda": torch.cuda.reset_peak_memory_stats()   # like train.py: the training peak, not the loading one
+if cfg["compile"]:   # regionally, as ours: each decoder layer
+    for layer in m.base_model.model.model.layers: layer.compile()
 if mode == "qlora":
     import bitsandbytes as bnb
     opt = bnb.optim.PagedAdamW8bit(params, lr=5e-4)
@@ -129,16 +147,16 @@ for s in range(steps):
     out.loss.backward(); opt.step(); opt.zero_grad()
     if device == "cuda": torch.cuda.synchronize()
     dts.append(time.perf_counter() - t); toks.append(sum(len(e[0]) for e in batch))
-print(json.dumps(dict(s_step=statistics.median(dts[1:]), tok_s=statistics.median(n / d for n, d in zip(toks[1:], dts[1:])),
+print(json.dumps(dict(s_step=statistics.median(dts[1:]), first_two=dts[0] + dts[1], tok_s=statistics.median(n / d for n, d in zip(toks[1:], dts[1:])),
                       peak=peak_memory(torch.device(device)))))
 '''
 
 
-def peer(mode, a, dtype):
+def peer(mode, a, dtype, compile=False):
     from formats import default_model_dir
     model_dir = str(default_model_dir()) if a.model == "default" else a.model
     cfg = dict(root=str(ROOT), mode=mode, model=model_dir, steps=a.steps, seq_len=a.seq_len,
-               device=a.device or "cpu", targets=TARGETS, dtype=dtype)
+               device=a.device or "cpu", targets=TARGETS, dtype=dtype, compile=compile)
     r = subprocess.run([sys.executable, "-c", PEER, json.dumps(cfg)], capture_output=True, text=True)
     if r.returncode:
         print(r.stderr[-2000:])
@@ -155,25 +173,37 @@ def main():
     p.add_argument("--dtype", default="", help="float32 | bfloat16 (default: train.py's choice); the peers run in "
                    "the dtype ours ran in")
     p.add_argument("--peers", action="store_true", help="also run transformers+peft(+bitsandbytes) on the same batches")
+    p.add_argument("--compile", action="store_true", help="also run ours with --compile (and the peers with their decoder "
+                   "layers compiled, with --peers): compile time and steady-state speed against eager")
     a = p.parse_args()
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("lora", "qlora"):
             res[mode] = ours(mode, a, Path(tmp) / mode)
             print(f"ours {mode:5s}: {res[mode]['tok_s']:6.1f} real tok/s, {res[mode]['s_step']:.2f} s/step, "
-                  f"peak {res[mode]['peak'] / 2**30:.2f} GB ({res[mode]['dtype']}), "
+                  f"peak {res[mode]['peak'] / 2**30:.2f} GB ({res[mode]['dtype']}; estimated "
+                  f"{res[mode]['predicted'] / 2**30:.2f}, {res[mode]['predicted'] / res[mode]['peak'] - 1:+.0%}), "
                   f"useful {res[mode]['flop_s'] / 1e9:.0f} GFLOP/s", flush=True)
         peak = matmul_peak(res["lora"]["dtype"], a.device or "cpu")
         print(f"matmul peak at our shapes, {res['lora']['dtype']}: {peak / 1e9:.0f} GFLOP/s; useful work reaches "
               f"{res['lora']['flop_s'] / peak:.0%} of it (LoRA), {res['qlora']['flop_s'] / peak:.0%} (QLoRA)", flush=True)
+        if a.compile:
+            for mode in ("lora", "qlora"):
+                c = res[mode + "_compiled"] = ours(mode, a, Path(tmp) / (mode + "_compiled"), compile=True)
+                print(f"ours {mode:5s} compiled: {c['tok_s']:6.1f} real tok/s ({c['tok_s'] / res[mode]['tok_s']:.2f}x eager), "
+                      f"{c['s_step']:.2f} s/step, peak {c['peak'] / 2**30:.2f} GB; compiling took "
+                      f"{c['first_two'] - 2 * c['s_step']:.0f} s (the first two steps above the median)", flush=True)
     if a.peers:
         for mode in ("lora", "qlora"):
-            r = peer(mode, a, res[mode]["dtype"])   # the dtype ours ran in: like with like
-            if r:
-                res["peer_" + mode] = r
-                print(f"peer {mode:5s}: {r['tok_s']:6.1f} real tok/s, {r['s_step']:.2f} s/step, peak {r['peak'] / 2**30:.2f} GB "
-                      f"(ours: {res[mode]['tok_s'] / r['tok_s']:.2f}x speed, {res[mode]['peak'] / r['peak']:.2f}x memory)",
-                      flush=True)
+            for compiled in (False, True) if a.compile else (False,):
+                key = mode + ("_compiled" if compiled else "")
+                r = peer(mode, a, res[mode]["dtype"], compiled)   # the dtype ours ran in: like with like
+                if r:
+                    res["peer_" + key] = r
+                    print(f"peer {mode:5s}{' compiled' if compiled else ''}: {r['tok_s']:6.1f} real tok/s, "
+                          f"{r['s_step']:.2f} s/step, peak {r['peak'] / 2**30:.2f} GB (ours{' compiled' if compiled else ''}: "
+                          f"{res[key]['tok_s'] / r['tok_s']:.2f}x speed, {res[key]['peak'] / r['peak']:.2f}x memory)"
+                          + (f"; compiling took {r['first_two'] - 2 * r['s_step']:.0f} s" if compiled else ""), flush=True)
     L, Q = res["lora"], res["qlora"]
     print(f"QLoRA / LoRA: step time {Q['s_step'] / L['s_step']:.2f}x (goal <= 1.15), peak memory {Q['peak'] / L['peak']:.2f}x")
 
