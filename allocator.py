@@ -11,9 +11,9 @@ allocator replaces malloc only if it is loaded before the process starts, so eac
 (train.py, merge.py, generate.py, audit.py) calls preload() first: it re-executes the same command
 line once with LD_PRELOAD naming the allocator. Under torchrun every worker does so itself.
 
-Measured side by side here (python bench/allocator.py; LoRA / QLoRA real tokens/s, peak RSS):
-tcmalloc 632 / 445 (1.41 / 1.23 GB), jemalloc 485 / 414 (1.41 / 1.24 GB), mimalloc 463 / 401
-(1.50 / 1.32 GB), glibc with a 256 KB mmap threshold 252 / 202 (1.33 / 1.18 GB). So the first one
+Measured side by side on this project's 2-core AVX2 machine, fp32 (python bench/allocator.py; LoRA / QLoRA
+real tokens/s, peak RSS): tcmalloc 136 / 120 (1.78 / 1.41 GB), jemalloc 121 / 116 (1.78 / 1.43 GB), mimalloc
+120 / 109 (1.87 / 1.50 GB), glibc with a 256 KB mmap threshold 83 / 69 (1.73 / 1.40 GB). So the first one
 installed wins, in that order. Only mimalloc comes from PyPI (the cmeel-mimalloc wheel, in
 requirements.txt), so a fresh machine gets it; tcmalloc and jemalloc come from the system
 (Debian/Ubuntu: libtcmalloc-minimal4, libjemalloc2). PURE_QLORA_ALLOCATOR=tcmalloc|jemalloc|mimalloc
