@@ -221,6 +221,7 @@ def segment_attention(q, k, v, spans: torch.Tensor, gqa: bool):
                                                             v[b:b + 1, :, s:e], is_causal=True, enable_gqa=gqa)
     return y
 
+
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
