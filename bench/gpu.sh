@@ -36,5 +36,5 @@ for preset in SmolLM2-135M Llama-3.2-1B; do
     [ -d "$model" ] || python bench/random_model.py --preset "$preset" --tokenizer "$TOK" --out "$model"
     echo "== $preset: bench/train.py --device cuda --peers --compile --steps $STEPS" | tee -a "$OUT/summary.txt"
     timeout 300 python bench/train.py --device cuda --model "$model" --steps "$STEPS" --peers --compile 2>&1 \
-        | tee "$OUT/bench-$preset.log" | grep -E "^(ours|peer|matmul|QLoRA|estimate)" | tee -a "$OUT/summary.txt"
+        | tee "$OUT/bench-$preset.log" | grep -E "^(ours|peer|matmul|QLoRA)" | tee -a "$OUT/summary.txt"
 done

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from audit import MODEL_PRESETS  # noqa: E402
+from audit import MODEL_PRESETS, linear_shapes  # noqa: E402
 from formats import atomic_dir, read_args, save_hf_folder, write_tokenizer_files  # noqa: E402
 from model import ModelArgs  # noqa: E402
 
@@ -24,16 +24,15 @@ def random_tensors(args: ModelArgs, dtype, seed: int = 0):
     """(HF name, tensor) for every weight of a Llama of these shapes, one tensor at a time."""
     g = torch.Generator().manual_seed(seed)
     normal = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).to(dtype)
-    d, hd, f = args.dim, args.head_dim, args.intermediate_size
+    d = args.dim
     yield "model.embed_tokens.weight", normal(args.vocab_size, d)
     for i in range(args.n_layers):
         p = f"model.layers.{i}."
         yield p + "input_layernorm.weight", torch.ones(d, dtype=dtype)
         yield p + "post_attention_layernorm.weight", torch.ones(d, dtype=dtype)
-        for name, out, inp in (("self_attn.q_proj", args.n_heads * hd, d), ("self_attn.k_proj", args.n_kv_heads * hd, d),
-                               ("self_attn.v_proj", args.n_kv_heads * hd, d), ("self_attn.o_proj", d, args.n_heads * hd),
-                               ("mlp.gate_proj", f, d), ("mlp.up_proj", f, d), ("mlp.down_proj", d, f)):
-            yield p + name + ".weight", normal(out, inp)
+        for name, (inp, out) in linear_shapes(args).items():
+            yield p + ("mlp." if name in ("gate_proj", "up_proj", "down_proj") else "self_attn.") + name + ".weight", \
+                normal(out, inp)
     yield "model.norm.weight", torch.ones(d, dtype=dtype)
     if not args.tie_embeddings:
         yield "lm_head.weight", normal(args.vocab_size, d)

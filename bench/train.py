@@ -95,17 +95,16 @@ def ours(mode, a, out, compile=False):
     summary = json.loads((out / "summary.json").read_text())
     return dict(s_step=statistics.median(dts), first_two=first_two, tok_s=statistics.median(t / d for t, d in zip(toks, dts)),
                 flop_s=statistics.median(f / d for f, d in zip(flops, dts)),
-                peak=max(r["peak_mem"] for r in steps), dtype=summary["dtype"], predicted=estimate(mode, a, summary))
+                peak=max(r["peak_mem"] for r in steps), dtype=summary["dtype"], predicted=estimate(mode, out, summary))
 
 
-def estimate(mode, a, summary) -> float:
-    """audit.py's memory estimate for this run as it ran (its largest micro-batch, dtype, device)."""
+def estimate(mode, out: Path, summary) -> float:
+    """audit.py's memory estimate for this run as it ran (its flags, largest micro-batch, dtype, device)."""
     from audit import estimate_for_run
     from formats import read_args
     from train import TrainConfig
-    cfg = TrainConfig(model=a.model, seq_len=a.seq_len, batch_size=4, rank=8, alpha=16, targets=TARGETS, dropout=0.0,
-                      qlora=mode == "qlora")
-    return estimate_for_run(read_args(a.model), cfg, mode, summary)["predicted_peak"]
+    cfg = TrainConfig(**json.loads((out / "train_config.json").read_text()))
+    return estimate_for_run(read_args(cfg.model), cfg, mode, summary)["predicted_peak"]
 
 
 PEER = r'''

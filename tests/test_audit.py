@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from audit import estimate_memory, main, saved_bytes_per_token_layer
+from audit import estimate_memory, linear_shapes, main, saved_bytes_per_token_layer
 from lora import ALL_TARGETS, apply_lora
 from formats import load_model
 from optim import AdamW8bit
@@ -46,7 +46,7 @@ def test_estimator_qlora_optimizer_rule():
     assert est["optimizer_states"] == opt.state_bytes()
 
 
-def _saved_activation_bytes(args, dtype, targets, dropout, nf4=False, packed=True):
+def _saved_activation_bytes(args, dtype, targets, dropout, nf4=False, packed=True, compile=False):
     """Bytes of the distinct storages autograd keeps for backward over one training forward
     (two packed examples in a row, or one sequence), parameters and NF4 buffers excluded."""
     from model import Llama
@@ -60,6 +60,8 @@ def _saved_activation_bytes(args, dtype, targets, dropout, nf4=False, packed=Tru
                     setattr(mod, attr, NF4Linear.from_weight(child.weight, None, dtype))
     apply_lora(model, targets, r=4, alpha=8, dropout=dropout)
     model.train()
+    if compile:
+        model.compile_blocks()
     ids = torch.randint(0, args.vocab_size, (1, 40))
     seg = torch.tensor([[1] * 15 + [2] * 25]) if packed else None
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -93,6 +95,17 @@ def test_estimator_activations_are_what_autograd_saves(dtype, targets, dropout, 
         assert est["activations"] == got
     else:   # the first block keeps no attention tensors then (no gradient reaches them); counted anyway
         assert 0 < est["activations"] - got < per_layer
+
+
+def test_compiled_qlora_saves_no_dequantized_weight():
+    """Compiled, NF4 blocks keep no more for backward than eager ones: no 16/32-bit copy of their weights
+    (AOTAutograd's CSE would share the forward's dequantized weight with backward; compile_blocks turns it off)."""
+    from model import ModelArgs
+    args = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=64, intermediate_size=512, vocab_size=64)
+    eager = _saved_activation_bytes(args, torch.float32, list(ALL_TARGETS), 0.0, nf4=True)
+    compiled = _saved_activation_bytes(args, torch.float32, list(ALL_TARGETS), 0.0, nf4=True, compile=True)
+    weights = 4 * args.n_layers * sum(i * o for i, o in linear_shapes(args).values())
+    assert compiled <= eager < weights, (compiled, eager, weights)
 
 
 def test_audit_report_has_every_section(tiny_run, tmp_path):

@@ -457,7 +457,6 @@ def test_the_log_names_the_allocator(tiny_run, tmp_path):
     assert r.returncode == 0 and "allocator mimalloc" in r.stdout, r.stderr
 
 
-
 @pytest.mark.parametrize("qlora", [False, True])
 def test_compiled_blocks_train_like_eager(tiny_run, tmp_path, qlora):
     """--compile: the same gradients as eager on micro-batches of different lengths and segment counts,
@@ -489,35 +488,3 @@ def test_compiled_blocks_train_like_eager(tiny_run, tmp_path, qlora):
     eager = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "eager"), **kw))
     compiled = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "compiled"), compile=True, **kw))
     torch.testing.assert_close(compiled["losses"], eager["losses"], rtol=1e-5, atol=0)
-
-
-def test_compiled_qlora_block_saves_no_dequantized_weight():
-    """Compiled, an NF4 block keeps no more for backward than eager does: no 16/32-bit copy of its weights
-    (AOTAutograd's CSE would share the forward's dequantized weight with backward; compile_blocks turns it off)."""
-    from lora import apply_lora
-    from model import Llama, ModelArgs, rope_cos_sin
-    from nf4 import NF4Linear
-    torch.manual_seed(0)
-    m = Llama(ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=64, intermediate_size=512, vocab_size=64))
-    for blk in m.model.layers:
-        for mod in (blk.self_attn, blk.mlp):
-            for n, c in list(mod.named_children()):
-                setattr(mod, n, NF4Linear.from_linear(c))
-    apply_lora(m, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], r=4, alpha=8)
-    x = torch.randn(1, 37, 256, requires_grad=True)
-    cos, sin = rope_cos_sin(m.inv_freq, torch.arange(37)[None], x.dtype)
-
-    def saved_bytes():
-        sizes = []
-
-        def pack(t):
-            sizes.append(t.untyped_storage().nbytes())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = m.model.layers[0](x, cos, sin)
-        y.sum().backward()
-        return sum(sizes)
-    eager = saved_bytes()
-    m.compile_blocks()
-    weights = sum(4 * l.in_features * l.out_features for l in m.modules() if isinstance(l, NF4Linear))
-    assert saved_bytes() <= eager < weights
