@@ -25,8 +25,8 @@ from model import KVCache
 
 @torch.no_grad()
 def generate(model, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             eos_id: int | None = None, seed: int = 0):
-    """Yield new token ids one at a time. temperature 0 = greedy."""
+             stop_ids=(), seed: int = 0):
+    """Yield new token ids one at a time, until one of `stop_ids` (the EOS, an end-of-turn token). temperature 0 = greedy."""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     cache = KVCache(model.args.n_layers, capacity=min(len(ids) + max_new_tokens, model.args.max_seq_len))
@@ -42,7 +42,7 @@ def generate(model, ids: list[int], max_new_tokens: int, temperature: float = 0.
             keep = sorted_p.cumsum(0) - sorted_p < top_p
             sorted_p = torch.where(keep, sorted_p, 0)
             nxt = int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=g)])
-        if nxt == eos_id:
+        if nxt in stop_ids:
             return
         yield nxt
         if len(cache) + 1 > model.args.max_seq_len:
@@ -59,7 +59,7 @@ def main(argv=None):
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap the prompt in the model's prompt format (default on)")
     p.add_argument("--prompt-format", choices=["chatml", "llama3", "llama2", "alpaca"],
-                   help="override the format detected from the chat template")
+                   help="a named format instead of the model's own chat template")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass when temperature > 0")
@@ -77,12 +77,12 @@ def main(argv=None):
         if a.chat:
             ids = encode_prompt(tok, prompt_format(tok, a.prompt_format), [dict(role="user", content=a.prompt)])
         else:
-            ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(a.prompt)
+            ids = tok.encode_text(a.prompt)   # BOS only where the tokenizer's config adds one (SmolLM2's does not)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     t0, out = time.time(), []
-    for t in generate(model, ids, a.max_new_tokens, a.temperature, a.top_p, tok.eos_id, a.seed):
+    for t in generate(model, ids, a.max_new_tokens, a.temperature, a.top_p, tok.stop_ids, a.seed):
         # Decode the whole answer each time: a token may be half of a multi-byte character.
         new = tok.decode(out + [t])
         sys.stdout.write(new[len(tok.decode(out)):])

@@ -72,7 +72,8 @@ class TrainConfig:
     seq_len: int = 256              # truncate examples to this many tokens
     pack: bool = False              # pack several examples per row (attention stays within each)
     train_on_prompt: bool = False   # also put loss on prompt tokens
-    prompt_format: str = ""         # chatml | llama3 | llama2 | alpaca (default: from the model's chat template)
+    last_turn_only: bool = False    # in multi-turn conversations, loss on the last assistant turn only (default: every assistant turn)
+    prompt_format: str = ""         # chatml | llama3 | llama2 | alpaca: a named format instead of the model's own chat template (the default, where it has one)
     eval_examples: int = 100        # held-out examples (a fixed seeded split)
     eval_every: int = 0             # evaluate every N steps (0 = only before and after training)
     save_every: int = 0             # save adapter + checkpoint every N steps (0 = only at the end)
@@ -166,14 +167,16 @@ def prepare_data(cfg: TrainConfig, tok, log=print):
     fmt = prompt_format(tok, cfg.prompt_format or None)
     train_convs, eval_convs = load_examples(cfg.data, cfg.eval_examples, seed=0)
     check_eos(tok, fmt, train_convs + eval_convs, str(cfg.data))
-    encode = lambda convs: [encode_example(tok, fmt, c, cfg.seq_len, cfg.train_on_prompt) for c in convs]
+    encode = lambda convs: [encode_example(tok, fmt, c, cfg.seq_len, cfg.train_on_prompt, cfg.last_turn_only)
+                            for c in convs]
     train_ex, eval_ex = encode(train_convs), encode(eval_convs)
     n_trunc = sum(t for _, _, t in train_ex)
     train_ex = [(i, t) for i, t, _ in train_ex if any(x != IGNORE for x in t)]
     eval_ex = [(i, t) for i, t, _ in eval_ex if any(x != IGNORE for x in t)]
     if not train_ex:
         raise ValueError(f"{cfg.data}: no training example has a response token within --seq-len {cfg.seq_len}")
-    log(f"data: {len(train_ex)} train / {len(eval_ex)} eval examples, format {fmt['name']}, "
+    log(f"data: {len(train_ex)} train / {len(eval_ex)} eval examples ({train_convs.describe()} records), "
+        f"format {fmt['name']}, "
         f"{n_trunc} truncated to {cfg.seq_len} tokens, {len(train_convs) - len(train_ex)} dropped (no response left)")
     return train_ex, eval_ex
 
@@ -183,7 +186,8 @@ def show(cfg: TrainConfig) -> dict:
     tok = load_tokenizer(cfg.model)
     fmt = prompt_format(tok, cfg.prompt_format or None)
     train_convs, _ = load_examples(cfg.data, cfg.eval_examples, seed=0)
-    text = show_example(tok, fmt, train_convs[0], cfg.seq_len, cfg.train_on_prompt, color=sys.stdout.isatty())
+    text = show_example(tok, fmt, train_convs[0], cfg.seq_len, cfg.train_on_prompt, color=sys.stdout.isatty(),
+                        last_turn_only=cfg.last_turn_only)
     print(text, flush=True)
     prepare_data(cfg, tok)   # and what training would refuse
     return dict(example=text)

@@ -404,7 +404,8 @@ def test_show_example_marks_the_loss_and_eos(tiny_run, tmp_path):
     r = _run(_cli(tiny_run, tmp_path / "run", "--show-example", "--seq-len", "256"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "<|im_start|>assistant\n[[" in r.stdout and "<|im_end|>]]" in r.stdout
-    assert "EOS '<|im_end|>' (id 257) carries loss" in r.stdout
+    assert "'<|im_end|>' (id 257) ends every loss-carrying turn (1 of 1)" in r.stdout
+    assert "(24 messages, 24 alpaca records)" in r.stdout
     assert not (tmp_path / "run").exists()
 
 
@@ -413,7 +414,7 @@ def test_responses_without_eos_are_refused(tiny_run, tmp_path):
     cfg = json.loads((tiny_run[0] / "tokenizer_config.json").read_text())
     (tiny_run[0] / "tokenizer_config.json").write_text(json.dumps(dict(cfg, eos_token="<|im_start|>")))
     r = _run(_cli(tiny_run, tmp_path / "run", "--max-steps", "2"))
-    assert r.returncode == 2 and "not the tokenizer's EOS '<|im_start|>'" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "'<|im_start|>' (id 256), in the template prompt format" in r.stderr, r.stderr[-2000:]
     assert "never learn to stop" in r.stderr and "--prompt-format" in r.stderr
     assert not (tmp_path / "run").exists()
 
