@@ -136,3 +136,137 @@ def test_special_tokens_in_user_text_are_plain_text(tmp_path):
     assert ids.count(end) == 2                      # the user's turn and the assistant's turn end with it
     assert tok.decode(ids).count("<|im_end|>") == 3  # and the user's text still says it
     assert [i for i, m in zip(ids, mask) if m] == tok.encode("ok") + [end]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer semantics: BOS / EOS on raw text as the tokenizer's own config says
+
+@needs_default
+def test_raw_text_bos_follows_the_tokenizer(tmp_path):
+    """SmolLM2 adds no BOS to raw text (transformers' tokenizer(text) agrees); a tokenizer.json whose
+    post-processor adds one (Llama 3's) gets it, as transformers and llama.cpp give it."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+    from data import load_tokenizer
+    from formats import default_model_dir
+    text = "Once upon a time, in Zürich"
+    tok = load_tokenizer("default")
+    assert not tok.add_bos and tok.encode_text(text) == AutoTokenizer.from_pretrained(default_model_dir())(text)["input_ids"]
+    d = family_folder(tmp_path, "llama3.1")
+    from tokenizers import Tokenizer
+    tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+    bos = tk.token_to_id("<|begin_of_text|>")
+    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    tk.save(str(d / "tokenizer.json"))
+    tok = load_tokenizer(d)
+    ids = tok.encode_text(text)
+    assert tok.add_bos and ids[0] == bos and ids == AutoTokenizer.from_pretrained(str(d))(text)["input_ids"]
+    assert ids[1:] == tok.encode(text)
+
+
+def test_gguf_add_bos_token_is_read(tmp_path):
+    """A GGUF's tokenizer.ggml.add_bos_token decides, as in llama.cpp (SentencePiece vocabularies default to yes)."""
+    import gguf
+    from data import load_tokenizer
+    for add_bos in (True, False):
+        w = gguf.GGUFWriter(str(tmp_path / f"t{add_bos}.gguf"), "llama")
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        tokens = ["<s>", "</s>", "a", "b", "ab"]
+        w.add_token_list(tokens)
+        w.add_token_types([3, 3, 1, 1, 1])
+        w.add_token_merges(["a b"])
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(1)
+        w.add_add_bos_token(add_bos)
+        w.write_header_to_file(); w.write_kv_data_to_file(); w.close()
+        tok = load_tokenizer(tmp_path / f"t{add_bos}.gguf")
+        assert tok.encode_text("ab") == [0] * add_bos + [4]
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset shapes
+
+CHATS = [[dict(role="system", content="Be kind."), dict(role="user", content="Hi there"),
+          dict(role="assistant", content="Hello! ünïcode"), dict(role="user", content="More?"),
+          dict(role="assistant", content="Sure.")],
+         [dict(role="user", content="Q2"), dict(role="assistant", content="A2")]]
+SHAREGPT_ROLE = dict(system="system", user="human", assistant="gpt")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def test_dataset_shapes_give_the_same_tokens_as_messages(tmp_path):
+    """ShareGPT conversations and prompt/completion pairs are the messages they stand for: same tokens,
+    same masks; each file's shape is counted and reported."""
+    from data import encode_example, load_tokenizer, prompt_format, read_dataset
+    write_tiny_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    fmt = prompt_format(tok)
+    messages = _write_jsonl(tmp_path / "m.jsonl", [dict(messages=c) for c in CHATS])
+    sharegpt = _write_jsonl(tmp_path / "s.jsonl", [dict(conversations=[dict(**{"from": SHAREGPT_ROLE[m["role"]]},
+                                                                          value=m["content"]) for m in c]) for c in CHATS])
+    prompt_completion = _write_jsonl(tmp_path / "p.jsonl", [dict(prompt=c[:-1], completion=c[-1:]) for c in CHATS])
+    single = _write_jsonl(tmp_path / "q.jsonl", [dict(prompt="Q2", completion="A2")])
+    enc = lambda path: [encode_example(tok, fmt, c, 512) for c in read_dataset(path)]
+    assert enc(sharegpt) == enc(messages) == enc(prompt_completion)
+    assert enc(single) == enc(messages)[1:]
+    assert read_dataset(sharegpt).shapes == {"sharegpt": 2} and read_dataset(single).describe() == "1 prompt-completion"
+    # Every assistant turn carries loss (two in the first conversation), or only the last one.
+    ids, tgt, _ = encode_example(tok, fmt, CHATS[0], 512)
+    said = lambda t: tok.decode([x for x in t if x != -100])
+    assert said(tgt) == "Hello! ünïcode<|im_end|>Sure.<|im_end|>"
+    assert said(encode_example(tok, fmt, CHATS[0], 512, last_turn_only=True)[1]) == "Sure.<|im_end|>"
+
+
+def test_text_shape_puts_loss_on_every_token(tmp_path):
+    from data import IGNORE, encode_example, load_tokenizer, prompt_format, read_dataset
+    write_tiny_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    (conv,) = read_dataset(_write_jsonl(tmp_path / "t.jsonl", [dict(text="plain words, no chat")]))
+    ids, tgt, _ = encode_example(tok, prompt_format(tok), conv, 512)
+    assert ids + tgt[-1:] == tok.encode("plain words, no chat") + [tok.eos_id]
+    assert IGNORE not in tgt and tgt == ids[1:] + [tok.eos_id]
+
+
+def test_json_array_parquet_and_datasets_folder_read_as_jsonl(tmp_path):
+    pytest.importorskip("pyarrow")
+    datasets = pytest.importorskip("datasets")
+    from data import read_dataset
+    rows = [dict(messages=c) for c in CHATS] + [dict(instruction="Say hi", input="", output="hi")]
+    want = read_dataset(_write_jsonl(tmp_path / "a.jsonl", rows))
+    (tmp_path / "a.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    chats = [dict(messages=c) for c in CHATS]
+    pq.write_table(pa.Table.from_pylist(chats), tmp_path / "a.parquet")
+    datasets.Dataset.from_list(chats).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict(train=datasets.Dataset.from_list(chats)).save_to_disk(str(tmp_path / "saved_dict"))
+    assert read_dataset(tmp_path / "a.json") == want
+    for p in ("a.parquet", "saved", "saved_dict"):
+        got = read_dataset(tmp_path / p)
+        assert got == want[:2] and got.shapes == {"messages": 2}, p
+
+
+def test_dataset_errors_name_the_file_and_line(tmp_path, monkeypatch):
+    import sys
+    from data import read_dataset
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(dict(text="fine")) + "\n\n" + json.dumps(dict(question="?", answer="!")) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: a record of no known shape \(keys \['answer', 'question'\]\)"):
+        read_dataset(bad)
+    bad.write_text(json.dumps(dict(conversations=[{"from": "robot", "value": "x"}])) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: conversations\[0\] has from 'robot'"):
+        read_dataset(bad)
+    bad.write_text(json.dumps(dict(prompt="p", completion=3)) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: 'prompt' and 'completion' must be strings or arrays"):
+        read_dataset(bad)
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)   # as if pyarrow were not installed
+    with pytest.raises(ValueError, match="x.parquet: reading Parquet needs the optional package 'pyarrow'"):
+        read_dataset(tmp_path / "x.parquet")
+    with pytest.raises(FileNotFoundError, match="not one written by datasets' save_to_disk"):
+        read_dataset(tmp_path)
