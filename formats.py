@@ -492,21 +492,70 @@ def add_gguf_llama_shape(w, a: ModelArgs):
     w.add_vocab_size(a.vocab_size)
 
 
+# llama.cpp refuses a BPE vocabulary whose `tokenizer.ggml.pre` it does not know, and splits text by that
+# name. Its converter (convert_hf_to_gguf.py, get_vocab_base_pre) names it by a hash: sha256 of str() of the
+# ids the tokenizer gives this text (BOS included where the tokenizer adds one). These are its hashes of
+# the Llama, Mistral, Qwen and SmolLM families' tokenizers, copied from llama.cpp b11434's converter.
+_PRE_CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫\ufe0f (multiple emojis "
+    "concatenated) \u2705 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "\u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785😁 ?\u6211\u60f3\u5728apple"
+    "\u5de5\u4f5c1314151\u5929\uff5e ------======= \u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440"
+    "\u0441\u043a\u0438 \'\'\'\'\'\'```````\"\"\"\"......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not "
+    "sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL")
+_PRE_BY_HASH = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",   # meta-llama/Meta-Llama-3-8B
+    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",   # Smaug-Llama-3-70B-Instruct
+    "d353350c764d8c3b39c763113960e4fb4919bea5fbf208a0e3b22e8469dc7406": "llama4",      # Llama-4-Scout-17B-16E
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",      # HuggingFaceTB/SmolLM-135M
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",       # Qwen/Qwen1.5-7B
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",       # Qwen/Qwen3-Embedding-0.6B
+    "d30d75d9059f1aa2c19359de71047b3ae408c70875e8a3ccf8c5fba56c9d8af4": "qwen35",      # Qwen/Qwen3.5-9B-Instruct
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",  # R1-Distill-Qwen-1.5B
+    "877081d19cf6996e2c4ff0e1236341e9b7bde288f5311a56a937f0afbbb3aeb5": "deepseek-v3",  # deepseek-ai/DeepSeek-V3
+    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",  # deepseek-llm-7b-base
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",      # Mistral-Nemo-Base-2407
+    "0e9433cbbb161f89e264eb32e8e64bfe69e834973ffca5d41d3948a604a3e2a3": "pixtral",     # mistral-community/pixtral-12b
+    "9d032fcbd5501f4a38150912590928bfb36091efb5df11b8e2124b0390e3fb1e": "falcon3",     # tiiuae/Falcon3-7B-Base
+    "b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166": "olmo",        # allenai/OLMo-1.7-7B-hf
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",       # openai-community/gpt2
+}
+
+
+def gguf_pre_tokenizer(tok, tokenizer_json: dict) -> str:
+    """`tokenizer.ggml.pre` as llama.cpp's converter names it; for a tokenizer it does not know, the
+    closest of the splits llama.cpp has, said on stderr (llama.cpp's converter would refuse it)."""
+    import hashlib
+    name = _PRE_BY_HASH.get(hashlib.sha256(str(tok.encode_text(_PRE_CHECK_TEXT)).encode()).hexdigest())
+    if name:
+        return name
+    pre_json = json.dumps(tokenizer_json.get("pre_tokenizer"))
+    name = ("smollm" if "Digits" in pre_json else "llama-bpe" if "\\\\p{N}{1,3}" in pre_json
+            else "qwen2" if "\\\\p{N}" in pre_json else "gpt-2")
+    print(f"warning: the tokenizer's pre-tokenizer is not one llama.cpp's converter knows by its hash; "
+          f"wrote tokenizer.ggml.pre = {name!r}, the closest split llama.cpp has", file=sys.stderr)
+    return name
+
+
 def add_gguf_tokenizer(w, tok, source, vocab_size):
-    """Tokenizer metadata: copied from the base GGUF, or built from tokenizer.json (byte-level BPE)."""
+    """Tokenizer metadata: copied from the base GGUF, or built from tokenizer.json (byte-level BPE) or
+    tokenizer.model (SentencePiece), as llama.cpp's converter builds them."""
     src = default_model_dir() if str(source) == "default" else Path(source)
     tj = src / "tokenizer.json" if src.is_dir() else None
+    scores = merges = None
     if src.suffix == ".gguf":
         from gguf import GGUFReader
         r = GGUFReader(str(src))
+        kind = gguf_field(r, "tokenizer.ggml.model")
         tokens, types = gguf_field(r, "tokenizer.ggml.tokens"), gguf_field(r, "tokenizer.ggml.token_type")
         merges, pre = gguf_field(r, "tokenizer.ggml.merges"), gguf_field(r, "tokenizer.ggml.pre", "default")
-        template = gguf_field(r, "tokenizer.chat_template", "")
+        scores = gguf_field(r, "tokenizer.ggml.scores") if kind == "llama" else None
     elif tj is not None and tj.is_file():
         j = json.loads(tj.read_text())
-        if j["model"]["type"] != "BPE":
-            raise ValueError(f"{tj}: GGUF export supports byte-level BPE tokenizers only")
-        vocab = dict(j["model"]["vocab"])
+        if j["model"]["type"] != "BPE" or j["model"].get("byte_fallback"):
+            raise ValueError(f"{tj}: GGUF export supports byte-level BPE tokenizer.json files and SentencePiece "
+                             "tokenizer.model files; this tokenizer.json is neither (keep its tokenizer.model beside it)")
+        kind, vocab = "gpt2", dict(j["model"]["vocab"])
         special = {t["content"]: t["id"] for t in j.get("added_tokens", [])}
         vocab.update(special)
         tokens = [f"[PAD{i}]" for i in range(vocab_size)]
@@ -515,22 +564,43 @@ def add_gguf_tokenizer(w, tok, source, vocab_size):
                 tokens[i] = t
         types = [3 if t in special else 1 for t in tokens]
         merges = [m if isinstance(m, str) else " ".join(m) for m in j["model"]["merges"]]
-        pre_json = json.dumps(j.get("pre_tokenizer"))
-        pre = "smollm" if "Digits" in pre_json else "llama-bpe" if "\\\\p{N}{1,3}" in pre_json else "gpt2"
-        template = tok.chat_template
+        pre = gguf_pre_tokenizer(tok, j)
+    elif src.is_dir() and (src / "tokenizer.model").is_file():
+        kind, pre = "llama", "default"
+        tokens, scores, types = sentencepiece_vocab(src / "tokenizer.model", vocab_size)
     else:
-        raise ValueError(f"{src}: no tokenizer.json to export to GGUF")
-    w.add_tokenizer_model("gpt2")
+        raise ValueError(f"{src}: no tokenizer.json or tokenizer.model to export to GGUF")
+    w.add_tokenizer_model(kind)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(merges)
-    if tok.bos_id is not None:
-        w.add_bos_token_id(tok.bos_id)
-    if tok.eos_id is not None:
-        w.add_eos_token_id(tok.eos_id)
-    if template:
-        w.add_chat_template(template)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if merges:
+        w.add_token_merges(merges)
+    for add, tid in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id)):
+        if tid is not None and tid >= 0:
+            add(tid)
+    eot = sorted(tok.stop_ids - {tok.eos_id})
+    if eot:
+        w.add_eot_token_id(eot[0])   # llama.cpp stops at the EOS and at this end-of-turn token
+    w.add_add_bos_token(bool(tok.add_bos))
+    w.add_add_eos_token(bool(tok.add_eos))
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+
+
+def sentencepiece_vocab(model_file: Path, vocab_size: int):
+    """(pieces, scores, GGUF token types) of a SentencePiece model, padded to vocab_size as llama.cpp's
+    converter pads it (types: 1 normal, 2 unknown, 3 control, 5 unused, 6 byte)."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    tokens, scores, types = [f"[PAD{i}]" for i in range(vocab_size)], [-1000.0] * vocab_size, [5] * vocab_size
+    for i in range(min(sp.get_piece_size(), vocab_size)):
+        tokens[i], scores[i] = sp.id_to_piece(i), sp.get_score(i)
+        types[i] = (2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i)
+                    else 6 if sp.is_byte(i) else 1)
+    return tokens, scores, types
 
 
 # ----------------------------------------------------------------------------------------------

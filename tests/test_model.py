@@ -246,31 +246,30 @@ def test_sentencepiece_tokenizer_folder(tmp_path):
 
 
 def test_gguf_sentencepiece_vocab_equals_sentencepiece(tmp_path):
-    """A GGUF carrying a SentencePiece ('llama') vocabulary tokenizes as sentencepiece itself does."""
+    """An HF folder with tokenizer.model (Llama 2, Mistral) exports its vocabulary to GGUF as llama.cpp's
+    converter does ('llama' model: pieces, scores, types, padded to the model's vocabulary), and that GGUF
+    tokenizes as sentencepiece itself does, BOS added as the folder's config says, the chat template kept."""
     import gguf
     import sentencepiece as spm
+    from formats import add_gguf_tokenizer
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(f"The quick brown fox {i} jumps over the lazy dog; naïve café {i * 13}." for i in range(400)))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=500, model_type="bpe",
-                                   byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tokenizer"), vocab_size=500,
+                                   model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
                                    remove_extra_whitespaces=False, normalization_rule_name="identity")   # as Llama's
-    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
-    n = sp.get_piece_size()
-    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
-    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-    w.add_tokenizer_model("llama")
-    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
-    w.add_token_scores([sp.get_score(i) for i in range(n)])
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(
+        bos_token="<s>", eos_token="</s>", add_bos_token=True, chat_template="{{ bos_token }}[INST]")))
     from data import load_tokenizer
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    add_gguf_tokenizer(w, load_tokenizer(tmp_path), tmp_path, 512)   # 12 padding tokens, as a model rounds up
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     tok = load_tokenizer(tmp_path / "t.gguf")
     for t in ["The quick brown fox", "lazy dog 1234 café naïve", "  two  spaces", "unseen: 日本 ü", "fox.\nNew line"]:
         assert tok.encode(t) == sp.encode(t), t
         assert tok.decode(tok.encode(t)) == sp.decode(sp.encode(t))
-    assert (tok.bos_id, tok.eos_id) == (1, 2)
+        assert tok.encode_text(t) == [1] + sp.encode(t)
+    assert (tok.bos_id, tok.eos_id) == (1, 2) and tok.chat_template == "{{ bos_token }}[INST]"
 
 
 def test_gguf_rope_freqs_equals_transformers_llama3(tmp_path):
