@@ -30,6 +30,7 @@ def adapter(tmp_path_factory):
     from formats import load_model
     from lora import apply_lora, lora_layers, save_adapter
     m = load_model("default", torch.float32)
+    torch.manual_seed(0)   # A's initialisation
     apply_lora(m, ["q_proj", "v_proj", "down_proj"], r=8, alpha=16)
     g = torch.Generator().manual_seed(0)
     for layer in lora_layers(m).values():
@@ -111,6 +112,7 @@ def test_llama_cpp_runs_our_export_as_we_do(tmp_path, adapter, base, kind):
           f"llama.cpp {ppl_theirs:.4f}")
     # llama.cpp's CPU matmuls round the activations to the weights' type before multiplying (f16; for q8_0
     # weights, q8_0 blocks of 32 with an f16 scale), and keep K and V in f16; we compute in fp32. With f16
-    # weights that moves the perplexity by under 0.1%. With q8_0 we measured 0.53% (10.9957 against 11.0544),
-    # and emulating only the activations' 8-bit rounding in our forward moved ours to 11.0237: half of it.
-    assert abs(ppl_theirs / ppl_ours - 1) < (5e-3 if kind == "f16" else 1e-2), (ppl_ours, ppl_theirs)
+    # weights the perplexities agree to 0.003% (11.0277 and 11.0280 here); with q8_0 they differ by 0.39%
+    # (11.0180 and 11.0605). Rounding our own activations to q8_0 blocks (tried once, not kept) reproduced
+    # half of such a gap; the rest is llama.cpp's f16 attention.
+    assert abs(ppl_theirs / ppl_ours - 1) < (1e-3 if kind == "f16" else 1e-2), (ppl_ours, ppl_theirs)
