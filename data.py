@@ -228,7 +228,8 @@ def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: boo
     msgs = [dict(role=m["role"], content=_user_text(m)) for m in messages]
     try:
         text = _TEMPLATES[tok.chat_template].render(messages=msgs, add_generation_prompt=add_generation_prompt,
-                                                    tools=None, documents=None, **tok.tokens)
+                                                    tools=None, documents=None,
+                                                    **{k: v for k, v in tok.tokens.items() if v is not None})
     except jinja2.TemplateError as e:
         raise ValueError(f"the model's chat template refused the conversation: {e}") from None
     spans, out, pos = [], [], 0

@@ -542,6 +542,9 @@ def add_gguf_tokenizer(w, tok, source, vocab_size):
     tokenizer.model (SentencePiece), as llama.cpp's converter builds them."""
     src = default_model_dir() if str(source) == "default" else Path(source)
     tj = src / "tokenizer.json" if src.is_dir() else None
+    j = json.loads(tj.read_text()) if tj is not None and tj.is_file() else None
+    if j is not None and j["model"].get("byte_fallback") and (src / "tokenizer.model").is_file():
+        j = None   # Llama 2 / Mistral folders carry both; llama.cpp's converter takes the SentencePiece model
     scores = merges = None
     if src.suffix == ".gguf":
         from gguf import GGUFReader
@@ -550,8 +553,7 @@ def add_gguf_tokenizer(w, tok, source, vocab_size):
         tokens, types = gguf_field(r, "tokenizer.ggml.tokens"), gguf_field(r, "tokenizer.ggml.token_type")
         merges, pre = gguf_field(r, "tokenizer.ggml.merges"), gguf_field(r, "tokenizer.ggml.pre", "default")
         scores = gguf_field(r, "tokenizer.ggml.scores") if kind == "llama" else None
-    elif tj is not None and tj.is_file():
-        j = json.loads(tj.read_text())
+    elif j is not None:
         if j["model"]["type"] != "BPE" or j["model"].get("byte_fallback"):
             raise ValueError(f"{tj}: GGUF export supports byte-level BPE tokenizer.json files and SentencePiece "
                              "tokenizer.model files; this tokenizer.json is neither (keep its tokenizer.model beside it)")

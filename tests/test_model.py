@@ -245,7 +245,8 @@ def test_sentencepiece_tokenizer_folder(tmp_path):
     assert tok.decode(tok.encode("the lazy fox 42")) == "the lazy fox 42"
 
 
-def test_gguf_sentencepiece_vocab_equals_sentencepiece(tmp_path):
+@pytest.mark.parametrize("with_tokenizer_json", [False, True])
+def test_gguf_sentencepiece_vocab_equals_sentencepiece(tmp_path, with_tokenizer_json):
     """An HF folder with tokenizer.model (Llama 2, Mistral) exports its vocabulary to GGUF as llama.cpp's
     converter does ('llama' model: pieces, scores, types, padded to the model's vocabulary), and that GGUF
     tokenizes as sentencepiece itself does, BOS added as the folder's config says, the chat template kept."""
@@ -260,6 +261,9 @@ def test_gguf_sentencepiece_vocab_equals_sentencepiece(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(
         bos_token="<s>", eos_token="</s>", add_bos_token=True, chat_template="{{ bos_token }}[INST]")))
+    if with_tokenizer_json:   # Llama 2 and Mistral folders hold both; the export takes tokenizer.model
+        from formats import _spm_bpe_tokenizer, sentencepiece_vocab
+        _spm_bpe_tokenizer(*sentencepiece_vocab(tmp_path / "tokenizer.model", 500)).save(str(tmp_path / "tokenizer.json"))
     from data import load_tokenizer
     w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
     add_gguf_tokenizer(w, load_tokenizer(tmp_path), tmp_path, 512)   # 12 padding tokens, as a model rounds up
