@@ -411,7 +411,7 @@ def train(cfg: TrainConfig) -> dict:
     metrics, stop = Metrics(run, step), StopSignals()
     try:
         eval_before = None
-        if step == 0:
+        if step == 0 and eval_batches:
             eval_before, n_eval = evaluate(model, eval_batches, run)
             metrics.record(step=0, eval_loss=eval_before, eval_ppl=math.exp(eval_before))
             run.log(f"eval before training: loss {eval_before:.4f}, ppl {math.exp(eval_before):.2f} ({n_eval} tokens)")
@@ -462,7 +462,7 @@ def train(cfg: TrainConfig) -> dict:
                 run.log(f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:.1f} tok/s | "
                         f"ETA {eta / 60:.1f} min | peak mem {peak / 2**30:.2f} GB"
                         + (f" | update skipped (fp16 overflow; loss scale now {run.scaler.get_scale():g})" if skipped else ""))
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total and eval_batches:
                 ev, _ = evaluate(model, eval_batches, run)
                 metrics.record(step=step, eval_loss=ev, eval_ppl=math.exp(ev))
                 run.log(f"eval at step {step}: loss {ev:.4f}, ppl {math.exp(ev):.2f}")
@@ -505,8 +505,9 @@ def finish(run: Run, model, opt, summary: dict, eval_batches, t_start):
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
         atomic_write(run.out / "summary.json", json.dumps(clean, indent=2))
     before = f"{summary['eval_loss_before']:.4f} -> " if summary["eval_loss_before"] is not None else ""
-    run.log(f"done: {step} steps in {summary['train_time_s'] / 60:.1f} min; eval loss {before}{ev:.4f} "
-            f"(ppl {math.exp(ev):.2f}); adapter in {run.out}")
+    evals = (f"eval loss {before}{ev:.4f} (ppl {math.exp(ev):.2f})" if math.isfinite(ev)
+             else "no eval split (--eval-examples 0)")
+    run.log(f"done: {step} steps in {summary['train_time_s'] / 60:.1f} min; {evals}; adapter in {run.out}")
     if cfg.max_steps > 0 and run.device.type == "cpu":
         run.log(f"(a short run for a CPU; the full epoch on a GPU: python train.py {'--qlora ' if cfg.qlora else ''}"
                 f"--max-steps -1 --seq-len 1024 --batch-size 8 --eval-every 50)")

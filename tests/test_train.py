@@ -489,3 +489,17 @@ def test_compiled_blocks_train_like_eager(tiny_run, tmp_path, qlora):
     eager = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "eager"), **kw))
     compiled = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "compiled"), compile=True, **kw))
     torch.testing.assert_close(compiled["losses"], eager["losses"], rtol=1e-5, atol=0)
+
+
+def test_sharegpt_data_trains_without_an_eval_split(tiny_run, tmp_path):
+    """ShareGPT conversations train through the CLI; --eval-examples 0 logs no eval rather than nan."""
+    rows = [json.loads(l) for l in tiny_run[1].read_text().splitlines()]
+    convs = [r["messages"] if "messages" in r else [dict(role="user", content=r["instruction"]),
+                                                     dict(role="assistant", content=r["output"])] for r in rows]
+    data = tmp_path / "sharegpt.jsonl"
+    data.write_text("".join(json.dumps(dict(conversations=[{"from": "human" if m["role"] == "user" else "gpt",
+                                                            "value": m["content"]} for m in c])) + "\n" for c in convs))
+    r = _run(_cli((tiny_run[0], data), tmp_path / "run", "--max-steps", "2", "--eval-examples", "0"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(48 sharegpt records)" in r.stdout and "no eval split (--eval-examples 0)" in r.stdout
+    assert "nan" not in r.stdout and "eval before training" not in r.stdout
