@@ -82,7 +82,7 @@ def test_llama_cpp_runs_our_export_as_we_do(tmp_path, adapter, base, kind):
     from generate import generate
     from merge import merge
     source = str(default_model_dir() if base == "hf-folder" else default_gguf())
-    path = Path(merge(source, str(adapter), str(tmp_path / "merged"), torch.float32, gguf=kind,
+    path = Path(merge(source, str(adapter), str(tmp_path / "merged"), gguf=kind,   # the GGUF from the fp32 merge
                       log=lambda *a: None)["gguf"])
     model, tok = load_model(path, torch.float32), load_tokenizer(path)
     assert tok.chat_template and tok.stop_ids   # the template and the stop tokens travel in the file
