@@ -50,6 +50,33 @@ def generate(model, ids: list[int], max_new_tokens: int, temperature: float = 0.
         x = torch.tensor([[nxt]], device=device)
 
 
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0) -> list[list[int]]:
+    """Greedy continuations of several prompts at once, each as generate() gives it alone: the prompts are
+    left-padded into one batch (the padding is a segment of its own, so no row attends to it), prefilled
+    together, then decoded a token per row per step until every row has stopped."""
+    device = next(model.parameters()).device
+    n = max(map(len, prompts))
+    if n + max_new_tokens > model.args.max_seq_len:
+        max_new_tokens = model.args.max_seq_len - n
+    ids = torch.tensor([[pad_id] * (n - len(p)) + p for p in prompts], device=device)
+    segments = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=device)
+    cache = KVCache(model.args.n_layers, capacity=n + max_new_tokens)
+    logits = model(ids, segments, cache=cache, last_only=True)
+    out, done = [[] for _ in prompts], [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        nxt = logits[:, -1].float().argmax(-1).tolist()
+        for b, t in enumerate(nxt):
+            if not done[b]:
+                done[b] = t in stop_ids
+                if not done[b]:
+                    out[b].append(t)
+        if all(done) or len(out[0]) + n >= model.args.max_seq_len:
+            break
+        logits = model(torch.tensor([[t] for t in nxt], device=device), cache=cache, last_only=True)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default' (SmolLM2-135M-Instruct)")

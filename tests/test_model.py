@@ -357,6 +357,21 @@ def test_rmsnorm_in_bf16_saves_its_input_not_an_fp32_copy():
     assert sum(t.numel() * t.element_size() for t in acts) == 5 * 7 * (96 * 2 + 4)
 
 
+def test_batched_greedy_generation_equals_one_at_a_time(tiny_ckpt):
+    """Prompts of different lengths, left-padded into one batch: each row's continuation is the one
+    generate() gives that prompt alone, stop tokens included (a row that stops early stays stopped)."""
+    from generate import generate, generate_batch
+    path, _ = tiny_ckpt
+    m = load_model(path, torch.float32, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 17, 9, 17, 1)]
+    alone = [list(generate(m, p, 12)) for p in prompts]
+    assert generate_batch(m, prompts, 12) == alone
+    stop = {alone[1][4], alone[2][0]}   # rows 1 and 2 stop early, on tokens the others may never emit
+    want = [list(generate(m, p, 12, stop_ids=stop)) for p in prompts]
+    assert generate_batch(m, prompts, 12, stop_ids=stop) == want and len(want[2]) == 0
+
+
 def test_generation_computes_logits_for_the_last_position_only(tiny_ckpt):
     """The prefill projects one position onto the vocabulary, not every prompt position; the cache
     grows past its first capacity and the tokens stay those of the full forward."""
