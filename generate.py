@@ -63,6 +63,9 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_id
     segments = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=device)
     cache = KVCache(model.args.n_layers, capacity=n + max_new_tokens)
     logits = model(ids, segments, cache=cache, last_only=True)
+    # From here on each row's positions start after its padding, and no row attends to its padding keys.
+    cache.pad = segments.eq(0).sum(1, keepdim=True)
+    cache.mask = (torch.arange(cache.capacity, device=device) >= cache.pad)[:, None, None, :]
     out, done = [[] for _ in prompts], [False] * len(prompts)
     for _ in range(max_new_tokens):
         nxt = logits[:, -1].float().argmax(-1).tolist()

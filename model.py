@@ -167,7 +167,7 @@ class KVCache:
     def __init__(self, n_layers: int, capacity: int = 256):
         self.k, self.v, self.n = [None] * n_layers, [None] * n_layers, [0] * n_layers
         self.capacity = capacity
-        self.pad = None   # (B,) left-padding of each row, set by a prefill with segment_ids (batched decoding)
+        self.pad, self.mask = 0, None   # generate_batch: left padding (B, 1), keys each row sees (B, 1, 1, capacity)
 
     def update(self, i, k, v):
         n, t = self.n[i], k.shape[2]
@@ -204,16 +204,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         gqa = self.n_kv != self.n_heads   # each group of n_heads/n_kv query heads shares one k/v head
-        if spans is None and cache is not None and cache.pad is not None:
-            # Batched decoding of left-padded rows: each row's new tokens see its own keys, not its padding.
-            S = k.shape[2]
-            keys = torch.arange(S, device=q.device)
-            mask = keys >= cache.pad.view(B, 1, 1, 1)
-            if T > 1:
-                mask = mask & (keys <= torch.arange(S - T, S, device=q.device).view(T, 1))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        elif spans is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        if spans is None:   # a left-padded batch decodes a token per row, through its cache's key mask
+            mask = cache.mask[..., :k.shape[2]] if cache is not None and cache.mask is not None else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and mask is None, enable_gqa=gqa)
         else:
             y = segment_attention(q, k, v, spans, gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -324,13 +317,9 @@ class Llama(nn.Module):
             if cache is not None and len(cache):
                 raise ValueError("segment_ids with a filled cache are not supported; decode one row at a time")
             spans, positions = segment_spans(segment_ids)
-            if cache is not None:   # a batched prefill: rows must be left-padded, one segment each
-                cache.pad = (segment_ids == 0).sum(1)
         else:
-            start = len(cache) if cache is not None else 0
-            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-            if cache is not None and cache.pad is not None:
-                positions = positions - cache.pad.view(B, 1)
+            start = 0 if cache is None else len(cache) - cache.pad
+            positions = (torch.arange(T, device=x.device) + start).expand(B, T)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.model.layers:
             if self.grad_checkpoint and self.training:
