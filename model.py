@@ -308,18 +308,18 @@ class Llama(nn.Module):
         so one mechanism covers left/right padding and packing. None = one causal sequence.
         """
         B, T = input_ids.shape
-        if T + len(cache or ()) > self.args.max_seq_len:
-            raise ValueError(f"sequence of {T + len(cache or ())} tokens is longer than the model's "
-                             f"limit of {self.args.max_seq_len}")
         x = self.model.embed_tokens(input_ids)
-        spans, positions = None, None
+        spans, positions, longest = None, None, T + len(cache or ())
         if segment_ids is not None:
             if cache is not None and len(cache):
                 raise ValueError("segment_ids with a filled cache are not supported; decode one row at a time")
             spans, positions = segment_spans(segment_ids)
+            longest = int((spans[:, 2] - spans[:, 1]).max()) if len(spans) else 0   # positions restart per segment
         else:
             start = 0 if cache is None else len(cache) - cache.pad
             positions = (torch.arange(T, device=x.device) + start).expand(B, T)
+        if longest > self.args.max_seq_len:
+            raise ValueError(f"a sequence of {longest} tokens is longer than the model's limit of {self.args.max_seq_len}")
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.model.layers:
             if self.grad_checkpoint and self.training:

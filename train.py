@@ -39,13 +39,15 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from data import (IGNORE, check_eos, collate, collate_packed, encode_example, load_examples, load_tokenizer, pack,
-                  prompt_format, show_example)
+from data import (IGNORE, check_eos, collate, collate_packed, encode_chat, encode_example, load_examples,
+                  load_tokenizer, pack, prompt_format, show_example)
 from formats import gpu_dtype, load_model
+from generate import generate_batch
 from lora import apply_lora, lora_layers
 from nf4 import NF4Linear, place_tables
 from optim import AdamW8bit
 from runs import Diverged, Metrics, Run, SaveFailed, StopSignals, atomic_write, check_out_dir, last_good, resume, save
+from score import METRICS, mcnemar, score, wilson
 
 
 @dataclass
@@ -76,6 +78,10 @@ class TrainConfig:
     prompt_format: str = ""         # chatml | llama3 | llama2 | alpaca: a named format instead of the model's own chat template (the default, where it has one)
     eval_examples: int = 100        # held-out examples (a fixed seeded split)
     eval_every: int = 0             # evaluate every N steps (0 = only before and after training)
+    eval_generate: int = 0          # also greedy-generate answers to N held-out examples before and after training and score them against the references (accuracy, 95% interval, paired test)
+    eval_metric: str = "exact"      # how --eval-generate scores an answer: exact | contains | numeric | choice | regex (score.py)
+    eval_regex: str = ""            # the pattern for --eval-metric regex (its first group, or the match, must equal the reference)
+    eval_max_new_tokens: int = 64   # --eval-generate stops an answer after this many tokens (or at a stop token)
     save_every: int = 0             # save adapter + checkpoint every N steps (0 = only at the end)
     log_every: int = 1              # progress line every N steps
     grad_checkpoint: bool = False   # recompute each block in backward to save activation memory
@@ -179,6 +185,41 @@ def prepare_data(cfg: TrainConfig, tok, log=print):
         f"format {fmt['name']}, "
         f"{n_trunc} truncated to {cfg.seq_len} tokens, {len(train_convs) - len(train_ex)} dropped (no response left)")
     return train_ex, eval_ex
+
+
+def generation_set(cfg: TrainConfig, tok) -> list[tuple[list[int], str, str]]:
+    """--eval-generate: (prompt ids, reference answer, prompt text) of the first N held-out conversations;
+    the prompt is everything before the last assistant turn, the reference that turn."""
+    if cfg.eval_metric not in METRICS or (cfg.eval_metric == "regex") != bool(cfg.eval_regex):
+        raise ValueError(f"--eval-metric {cfg.eval_metric!r}: choose one of {', '.join(METRICS)}; --eval-regex "
+                         "goes with regex, and only with it")
+    fmt = prompt_format(tok, cfg.prompt_format or None)
+    _, eval_convs = load_examples(cfg.data, cfg.eval_examples, seed=0)
+    convs = [c for c in eval_convs if c[-1]["role"] == "assistant"][:cfg.eval_generate]
+    return [(encode_chat(tok, c[:-1], add_generation_prompt=True, fmt=fmt)[0], c[-1]["content"],
+             c[-2]["content"] if len(c) > 1 else "") for c in convs]
+
+
+def accuracy(model, tok, items, cfg: TrainConfig) -> dict:
+    """Greedy answers to the --eval-generate prompts, scored: right/n, accuracy, its 95% Wilson interval."""
+    model.eval()
+    answers, room = [], model.args.max_seq_len - cfg.eval_max_new_tokens   # a longer prompt keeps its end
+    if room < 1:
+        raise ValueError(f"--eval-max-new-tokens {cfg.eval_max_new_tokens} leaves no room for a prompt in the "
+                         f"model's {model.args.max_seq_len} tokens")
+    for i in range(0, len(items), 8):
+        answers += [tok.decode(a) for a in generate_batch(model, [p[-room:] for p, _, _ in items[i:i + 8]],
+                                                           cfg.eval_max_new_tokens, tok.stop_ids)]
+    model.train()
+    right = [score(a, ref, cfg.eval_metric, cfg.eval_regex or None) for a, (_, ref, _) in zip(answers, items)]
+    k, n = sum(right), len(right)
+    return dict(metric=cfg.eval_metric, right=k, n=n, accuracy=k / max(n, 1), ci95=wilson(k, n),
+                correct=right, answers=answers)
+
+
+def describe_accuracy(acc: dict) -> str:
+    lo, hi = acc["ci95"]
+    return f"{acc['right']}/{acc['n']} = {100 * acc['accuracy']:.1f}% (95% interval {100 * lo:.1f}-{100 * hi:.1f}%, {acc['metric']})"
 
 
 def show(cfg: TrainConfig) -> dict:
@@ -395,7 +436,9 @@ def train(cfg: TrainConfig) -> dict:
     eval, save; a requested stop ends it with a checkpoint at a step boundary."""
     run = start(cfg)
     t_start = time.time()
-    train_ex, eval_ex = prepare_data(cfg, load_tokenizer(cfg.model), run.log)
+    tok = load_tokenizer(cfg.model)
+    train_ex, eval_ex = prepare_data(cfg, tok, run.log)
+    gen_items = generation_set(cfg, tok) if cfg.eval_generate else []
     model, params, opt, info = build_model(run)
     step = resume(run, model, opt) if cfg.resume else 0
     per_step = cfg.batch_size * cfg.grad_accum * run.world
@@ -415,6 +458,11 @@ def train(cfg: TrainConfig) -> dict:
             eval_before, n_eval = evaluate(model, eval_batches, run)
             metrics.record(step=0, eval_loss=eval_before, eval_ppl=math.exp(eval_before))
             run.log(f"eval before training: loss {eval_before:.4f}, ppl {math.exp(eval_before):.2f} ({n_eval} tokens)")
+        acc_before = None
+        if step == 0 and gen_items:
+            acc_before = accuracy(model, tok, gen_items, cfg)
+            metrics.record(step=0, accuracy=acc_before["accuracy"], right=acc_before["right"], n=acc_before["n"])
+            run.log(f"answers before training: {describe_accuracy(acc_before)}")
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
         t0, first, tokens, losses, max_micro, runtime_rss = time.time(), step, 0, [], 0, None
@@ -486,7 +534,7 @@ def train(cfg: TrainConfig) -> dict:
             run.log(f"stopped ({stopped}): checkpoint saved at step {step} in {run.out}; continue with the same "
                     "flags and --resume")
         else:
-            finish(run, model, opt, summary, eval_batches, t_start)
+            finish(run, model, opt, summary, eval_batches, t_start, metrics, tok, gen_items, acc_before)
     finally:
         stop.restore()
         metrics.close()
@@ -495,11 +543,26 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def finish(run: Run, model, opt, summary: dict, eval_batches, t_start):
-    """After the last step: evaluate, save, write summary.json, say where everything is."""
+def finish(run: Run, model, opt, summary: dict, eval_batches, t_start, metrics, tok, gen_items, acc_before):
+    """After the last step: evaluate (loss, and answers with --eval-generate), save, write summary.json,
+    say where everything is."""
     cfg, step = run.cfg, summary["steps"]
     ev, _ = evaluate(model, eval_batches, run)
     summary.update(eval_loss_after=ev, eval_ppl_after=math.exp(ev), total_time_s=time.time() - t_start)
+    if gen_items:
+        acc = accuracy(model, tok, gen_items, cfg)
+        metrics.record(step=step, accuracy=acc["accuracy"], right=acc["right"], n=acc["n"])
+        summary.update(accuracy_after={k: v for k, v in acc.items() if k != "answers"}, accuracy_before=acc_before and {
+            k: v for k, v in acc_before.items() if k != "answers"})
+        run.log(f"answers after training: {describe_accuracy(acc)}")
+        if acc_before:
+            paired = mcnemar(acc["correct"], acc_before["correct"])
+            summary["accuracy_paired"] = paired
+            run.log(f"  right only after training: {paired['a_only']}, only before: {paired['b_only']}; McNemar's "
+                    f"exact test p = {paired['p']:.3g}{' (a real difference at 5%)' if paired['p'] < 0.05 else ''}")
+        for (_, ref, prompt), j in zip(gen_items, range(3)):
+            was = f" (before: {acc_before['answers'][j][:80]!r})" if acc_before else ""
+            run.log(f"  Q {prompt[:80]!r}\n    reference {ref[:80]!r}\n    answer    {acc['answers'][j][:80]!r}{was}")
     save(run, model, opt, step)
     if run.rank == 0:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}

@@ -152,9 +152,19 @@ def test_gguf_unsupported_architecture(tmp_path):
 
 
 def test_sequence_too_long(tiny_ckpt):
+    """The limit is per sequence: a row of packed examples may be longer than it (positions restart in
+    each segment, as training's one-row micro-batches on CPU need), a segment may not."""
     m = load_model(tiny_ckpt[0], torch.float32, device="cpu")
-    with pytest.raises(ValueError, match="longer than the model's limit of 256"):
+    with pytest.raises(ValueError, match="a sequence of 257 tokens is longer than the model's limit of 256"):
         m(torch.zeros(1, 257, dtype=torch.long))
+    ids = torch.randint(0, 256, (1, 300))
+    seg = torch.tensor([[1] * 200 + [2] * 100])
+    with torch.no_grad():
+        packed = m(ids, seg)
+        torch.testing.assert_close(packed[:, :200], m(ids[:, :200]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed[:, 200:], m(ids[:, 200:]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="a sequence of 257 tokens"):
+        m(ids[:, :300], torch.tensor([[1] * 257 + [2] * 43]))
 
 
 # -- the default model ------------------------------------------------------------------------------

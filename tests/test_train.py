@@ -503,3 +503,25 @@ def test_sharegpt_data_trains_without_an_eval_split(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "(48 sharegpt records)" in r.stdout and "no eval split (--eval-examples 0)" in r.stdout
     assert "nan" not in r.stdout and "eval before training" not in r.stdout
+
+
+def test_eval_generate_scores_answers_before_and_after(tiny_run, tmp_path):
+    """--eval-generate: greedy answers to held-out prompts, scored before and after training, with the
+    interval and the paired test in the summary and the log; a bad metric is refused before any write."""
+    from score import mcnemar, wilson
+    out = tmp_path / "run"
+    r = _run(_cli(tiny_run, out, "--max-steps", "2", "--eval-generate", "5", "--eval-metric", "contains",
+                  "--eval-max-new-tokens", "6"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "answers before training: " in r.stdout and "answers after training: " in r.stdout
+    assert "(95% interval" in r.stdout and "McNemar's exact test p = " in r.stdout
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("accuracy_before", "accuracy_after"):
+        a = s[key]
+        assert a["n"] == 5 and a["right"] == sum(a["correct"]) and a["metric"] == "contains"
+        assert list(a["ci95"]) == pytest.approx(list(wilson(a["right"], 5)))
+    assert s["accuracy_paired"] == mcnemar(s["accuracy_after"]["correct"], s["accuracy_before"]["correct"])
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "accuracy" in row] == [0, 2]
+    r = _run(_cli(tiny_run, tmp_path / "bad", "--eval-generate", "5", "--eval-metric", "bleu"))
+    assert r.returncode == 2 and "--eval-metric 'bleu'" in r.stderr and not (tmp_path / "bad").exists()

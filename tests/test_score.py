@@ -1,0 +1,53 @@
+"""Scorers, the Wilson interval and McNemar's test, against hand-computed values."""
+import pytest
+
+from score import mcnemar, score, wilson
+
+
+def test_exact_and_contains_normalise_case_whitespace_punctuation():
+    assert score("  Paris. ", "paris", "exact") and score("PARIS!", "Paris", "exact")
+    assert not score("Paris, France", "Paris", "exact")
+    assert score("It is Paris, France.", "paris", "contains")
+    assert not score("Parisian", "Paris", "contains")   # whole words, not a substring of one
+    assert not score("", "", "exact") and not score("   ", "x", "contains")   # an empty answer is never right
+
+
+def test_numeric_takes_the_last_number_of_each():
+    assert score("47 + 38 = 85", "85", "numeric")
+    assert score("The total is 1,234.50 dollars", "1234.5", "numeric")
+    assert score("It drops to -3.", "-3", "numeric")
+    assert not score("85 or maybe 86", "85", "numeric")          # several numbers: the last one counts
+    assert not score("eighty-five", "85", "numeric")             # no number
+    assert not score("85", "no number here", "numeric")
+
+
+def test_choice_and_regex():
+    assert score("(B) because ...", "B", "choice") and score("B. Blue", "(B)", "choice")
+    assert not score("Because A is wrong, the answer is C", "C", "choice")   # the first letter counts: A
+    assert not score("I do not know", "A", "choice")   # no standalone letter ("I" is past J)
+    assert score("Answer: 42 apples", "42", "regex", r"Answer:\s*(\d+)")
+    assert not score("Answer: 41", "42", "regex", r"Answer:\s*(\d+)")
+    with pytest.raises(ValueError, match="needs a pattern"):
+        score("x", "x", "regex")
+    with pytest.raises(ValueError, match="choose one of"):
+        score("x", "x", "bleu")
+
+
+def test_wilson_interval_equals_hand_computed_values():
+    # 31 of 40: centre (0.775 + z²/80) / (1 + z²/40), half-width z·sqrt(pq/n + z²/4n²) / (1 + z²/40), z = 1.96.
+    lo, hi = wilson(31, 40)
+    assert lo == pytest.approx(0.62496, abs=1e-4) and hi == pytest.approx(0.87684, abs=1e-4)
+    lo, hi = wilson(0, 10)   # none right: the interval still has width
+    assert lo == 0 and hi == pytest.approx(0.27753, abs=1e-4)
+    assert wilson(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-4) and wilson(0, 0) == (0.0, 1.0)
+
+
+def test_mcnemar_exact_test_equals_hand_computed_values():
+    a = [True] * 3 + [True] + [False] * 5 + [False] * 2   # a alone right on 1, b alone on 5
+    b = [True] * 3 + [False] + [True] * 5 + [False] * 2
+    r = mcnemar(a, b)
+    assert (r["a_only"], r["b_only"]) == (1, 5) and r["p"] == pytest.approx(2 * (1 + 6) / 64)
+    assert mcnemar([True, False], [True, False])["p"] == 1.0          # no discordant example
+    assert mcnemar([False] * 10, [True] * 10)["p"] == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError):
+        mcnemar([True], [True, False])
