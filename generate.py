@@ -57,8 +57,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_id
     together, then decoded a token per row per step until every row has stopped."""
     device = next(model.parameters()).device
     n = max(map(len, prompts))
-    if n + max_new_tokens > model.args.max_seq_len:
-        max_new_tokens = model.args.max_seq_len - n
+    max_new_tokens = min(max_new_tokens, model.args.max_seq_len - n)   # the longest row stays within the model's limit
     ids = torch.tensor([[pad_id] * (n - len(p)) + p for p in prompts], device=device)
     segments = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=device)
     cache = KVCache(model.args.n_layers, capacity=n + max_new_tokens)
@@ -74,7 +73,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, stop_id
                 done[b] = t in stop_ids
                 if not done[b]:
                     out[b].append(t)
-        if all(done) or len(out[0]) + n >= model.args.max_seq_len:
+        if all(done):
             break
         logits = model(torch.tensor([[t] for t in nxt], device=device), cache=cache, last_only=True)
     return out
