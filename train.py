@@ -104,7 +104,7 @@ def parse_args(argv=None) -> TrainConfig:
     helps = {l.split(":")[0].strip(): l.split("#", 1)[1].strip() for l in src.splitlines() if "#" in l and ":" in l}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
+        flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "").replace("%", "%%")   # argparse formats help with %
         if f.type in (bool, "bool"):
             p.add_argument(flag, action="store_true", help=h)
         else:

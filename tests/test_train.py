@@ -525,3 +525,12 @@ def test_eval_generate_scores_answers_before_and_after(tiny_run, tmp_path):
     assert [row["step"] for row in rows if "accuracy" in row] == [0, 2]
     r = _run(_cli(tiny_run, tmp_path / "bad", "--eval-generate", "5", "--eval-metric", "bleu"))
     assert r.returncode == 2 and "--eval-metric 'bleu'" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_help_explains_every_flag():
+    r = _run([sys.executable, str(ROOT / "train.py"), "--help"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    from dataclasses import fields
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in r.stdout
+    assert "95% interval" in r.stdout
