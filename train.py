@@ -207,9 +207,10 @@ def accuracy(model, tok, items, cfg: TrainConfig) -> dict:
     if room < 1:
         raise ValueError(f"--eval-max-new-tokens {cfg.eval_max_new_tokens} leaves no room for a prompt in the "
                          f"model's {model.args.max_seq_len} tokens")
-    for i in range(0, len(items), 8):
-        answers += [tok.decode(a) for a in generate_batch(model, [p[-room:] for p, _, _ in items[i:i + 8]],
-                                                           cfg.eval_max_new_tokens, tok.stop_ids)]
+    with torch.compiler.set_stance("force_eager"):   # with --compile, decoding would recompile for every length
+        for i in range(0, len(items), 8):
+            answers += [tok.decode(a) for a in generate_batch(model, [p[-room:] for p, _, _ in items[i:i + 8]],
+                                                               cfg.eval_max_new_tokens, tok.stop_ids)]
     model.train()
     right = [score(a, ref, cfg.eval_metric, cfg.eval_regex or None) for a, (_, ref, _) in zip(answers, items)]
     k, n = sum(right), len(right)
