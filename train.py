@@ -77,7 +77,7 @@ class TrainConfig:
     last_turn_only: bool = False    # in multi-turn conversations, loss on the last assistant turn only (default: every assistant turn)
     prompt_format: str = ""         # chatml | llama3 | llama2 | alpaca: a named format instead of the model's own chat template (the default, where it has one)
     eval_examples: int = 100        # held-out examples (a fixed seeded split)
-    eval_every: int = 0             # evaluate every N steps (0 = only before and after training)
+    eval_every: int = 0             # evaluate every N steps (0 = only before and after training); with --eval-generate, score answers then too
     eval_generate: int = 0          # also greedy-generate answers to N held-out examples before and after training and score them against the references (accuracy, 95% interval, paired test)
     eval_metric: str = "exact"      # how --eval-generate scores an answer: exact | contains | numeric | choice | regex (score.py)
     eval_regex: str = ""            # the pattern for --eval-metric regex (its first group, or the match, must equal the reference)
@@ -515,6 +515,10 @@ def train(cfg: TrainConfig) -> dict:
                 ev, _ = evaluate(model, eval_batches, run)
                 metrics.record(step=step, eval_loss=ev, eval_ppl=math.exp(ev))
                 run.log(f"eval at step {step}: loss {ev:.4f}, ppl {math.exp(ev):.2f}")
+                if gen_items:
+                    acc = accuracy(model, tok, gen_items, cfg)
+                    metrics.record(step=step, accuracy=acc["accuracy"], right=acc["right"], n=acc["n"])
+                    run.log(f"answers at step {step}: {describe_accuracy(acc)}")
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save(run, model, opt, step)
             if stop_vote or (cfg.stop_after and step >= cfg.stop_after):

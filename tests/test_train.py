@@ -506,14 +506,15 @@ def test_sharegpt_data_trains_without_an_eval_split(tiny_run, tmp_path):
 
 
 def test_eval_generate_scores_answers_before_and_after(tiny_run, tmp_path):
-    """--eval-generate: greedy answers to held-out prompts, scored before and after training, with the
-    interval and the paired test in the summary and the log; a bad metric is refused before any write."""
+    """--eval-generate: greedy answers to held-out prompts, scored before and after training and at
+    --eval-every, with the interval and the paired test in the summary and the log; a bad metric is
+    refused before any write."""
     from score import mcnemar, wilson
     out = tmp_path / "run"
-    r = _run(_cli(tiny_run, out, "--max-steps", "2", "--eval-generate", "5", "--eval-metric", "contains",
-                  "--eval-max-new-tokens", "6"))
+    r = _run(_cli(tiny_run, out, "--max-steps", "3", "--eval-every", "2", "--eval-generate", "5",
+                  "--eval-metric", "contains", "--eval-max-new-tokens", "6"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "answers before training: " in r.stdout and "answers after training: " in r.stdout
+    assert all(f"answers {w}: " in r.stdout for w in ("before training", "at step 2", "after training"))
     assert "(95% interval" in r.stdout and "McNemar's exact test p = " in r.stdout
     s = json.loads((out / "summary.json").read_text())
     for key in ("accuracy_before", "accuracy_after"):
@@ -522,7 +523,7 @@ def test_eval_generate_scores_answers_before_and_after(tiny_run, tmp_path):
         assert list(a["ci95"]) == pytest.approx(list(wilson(a["right"], 5)))
     assert s["accuracy_paired"] == mcnemar(s["accuracy_after"]["correct"], s["accuracy_before"]["correct"])
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows if "accuracy" in row] == [0, 2]
+    assert [row["step"] for row in rows if "accuracy" in row] == [0, 2, 3]
     r = _run(_cli(tiny_run, tmp_path / "bad", "--eval-generate", "5", "--eval-metric", "bleu"))
     assert r.returncode == 2 and "--eval-metric 'bleu'" in r.stderr and not (tmp_path / "bad").exists()
 
