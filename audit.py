@@ -1,8 +1,9 @@
 """
 The audit: what LoRA and QLoRA really cost on your model and data, side by side, measured.
 
-    python audit.py                                   # default model and data, ~27 min on a 2-core CPU (fp32)
-    python audit.py --model path/to/hf_folder --data my.jsonl --max-steps 200 --out audit_mine
+    python audit.py                                   # default model, generated task: ~25 min on a 2-core CPU (fp32)
+    python audit.py --data default --max-steps 60     # AlpacaEval instead (loss and KL only: its answers are open)
+    python audit.py --model path/to/hf_folder --data my.jsonl --eval-generate 200 --eval-metric numeric --out audit_mine
     python audit.py --estimate-only --preset Llama-2-7B --seq-len 512 --batch-size 1 --grad-checkpoint
 
 Runs, with the same data, seed and hyperparameters (any train.py flag passes through):
@@ -11,8 +12,12 @@ Runs, with the same data, seed and hyperparameters (any train.py flag passes thr
   2. the quantization damage alone: KL(16-bit base || NF4 base) and the eval-loss gap;
   3. the merge paths for the QLoRA adapter, (a) as trained ... (e) merged into 4-bit in place, and
      for LoRA the merged 16-bit model: eval loss, KL to the trained model, share of the effect kept;
-  4. a memory estimator for models that do not fit here, checked against the measured peaks.
-Writes OUT/report.md, OUT/report.json and OUT/*.png.
+  4. with --eval-generate N, accuracy: every variant (both bases, LoRA, QLoRA, each merge path) answers
+     the same N held-out questions, scored by --eval-metric, with 95% intervals and McNemar's paired test;
+  5. a memory estimator for models that do not fit here, checked against the measured peaks.
+Without --data it uses the generated task of defaults.task_records (questions with one right answer,
+which the default model gets wrong before training) and the flags in TASK_FLAGS; your flags win.
+Writes OUT/report.md, OUT/report.json, OUT/answers.jsonl (every variant's answers) and OUT/*.png.
 """
 import allocator
 
@@ -31,13 +36,20 @@ from pathlib import Path
 import torch
 
 from data import IGNORE, encode_example, load_examples, load_tokenizer, prompt_format
+from defaults import default_task_path
 from lora import ALL_TARGETS, load_adapter, merge_lora
 from formats import load_model, read_args
 from merge import requantize_nf4
 from model import ModelArgs
-from train import LMHeadLoss, TrainConfig
+from score import mcnemar
+from train import LMHeadLoss, TrainConfig, accuracy, describe_accuracy, generation_set
 
 GPU_SIZES_GB = (8, 12, 16, 24, 40, 80)
+# Without --data: the generated task (defaults.task_records), with what it needs to be learned in a CPU
+# budget and scored on enough held-out questions for a confidence interval of about +-6 points. Flags
+# given on the command line come after these, so they win.
+TASK_FLAGS = ["--max-steps", "100", "--batch-size", "8", "--lr", "1e-3", "--eval-examples", "270",
+              "--eval-generate", "270", "--eval-metric", "exact", "--eval-max-new-tokens", "16"]
 # Public configs of common models (config.json fields), for the estimator.
 MODEL_PRESETS = {
     "Llama-2-7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -219,6 +231,8 @@ def main(argv=None):
     bad = [x for x in passthrough if x.startswith("--") and x.split("=")[0] not in known]
     if bad or any(x in ("--out", "--qlora", "--resume") for x in passthrough):
         p.error(f"unknown or reserved flags: {bad or '--out/--qlora/--resume'} (train.py's flags pass through)")
+    if not a.estimate_only and not any(x.split("=")[0] == "--data" for x in passthrough):
+        passthrough = ["--data", str(default_task_path())] + TASK_FLAGS + passthrough
     from train import parse_args
     cfg = parse_args(passthrough)
 
@@ -241,7 +255,8 @@ def main(argv=None):
         logf.write(line + "\n")
 
     # 1. training, each mode in its own process
-    runs = {m: run_training(m, out / m, passthrough, log) for m in ("lora", "qlora")}
+    # (--eval-generate 0 for them: the audit scores every variant itself, the trained ones included)
+    runs = {m: run_training(m, out / m, passthrough + ["--eval-generate", "0"], log) for m in ("lora", "qlora")}
 
     # 2-3. quantization damage and merge paths, all on the same eval split
     dtype = torch.float32 if not torch.cuda.is_available() else torch.bfloat16
@@ -253,12 +268,20 @@ def main(argv=None):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     batches = [(torch.tensor([i], device=dev), torch.tensor([t], device=dev)) for i, t in ex]
     K = a.kl_tokens
-    res = {}
+    res, answers = {}, {}
+    gen_items = generation_set(cfg, tok) if cfg.eval_generate else []
 
     def measure(name, model, ref=None):
         loss, lp = eval_model(model, batches, K)
-        res[name] = dict(eval_loss=loss, ppl=math.exp(loss), kl_to_trained=kl(ref, lp) if ref is not None else 0.0)
-        log(f"{name}: eval loss {loss:.4f}" + (f", KL to as-trained {res[name]['kl_to_trained']:.2e}" if ref is not None else ""))
+        res[name] = dict(eval_loss=loss, ppl=math.exp(loss), kl_to_trained=kl(ref, lp) if ref is not None else 0.0,
+                         model_bytes=sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())))
+        msg = f"{name}: eval loss {loss:.4f}" + (f", KL to as-trained {res[name]['kl_to_trained']:.2e}" if ref is not None else "")
+        if gen_items:
+            acc = accuracy(model, tok, gen_items, cfg)
+            answers[name] = acc.pop("answers")
+            res[name]["accuracy"] = acc
+            msg += f"; answers {describe_accuracy(acc)}"
+        log(msg)
         return lp
 
     qad, lad = str(out / "qlora"), str(out / "lora")
@@ -296,6 +319,22 @@ def main(argv=None):
     le = res["base_16bit"]["eval_loss"] - res["lora_as_trained"]["eval_loss"]
     res["lora_merged_16bit"]["effect_kept"] = (res["base_16bit"]["eval_loss"] - res["lora_merged_16bit"]["eval_loss"]) / le
 
+    # Paired comparisons on the same questions: QLoRA against LoRA, each merge path against (a), training against none
+    pairs = {}
+    if gen_items:
+        for x, y in (("a_nf4_plus_adapter", "lora_as_trained"), ("b_merged_into_16bit_base", "a_nf4_plus_adapter"),
+                     ("c_b_requantized_nf4", "a_nf4_plus_adapter"), ("d_merged_into_dequantized_nf4", "a_nf4_plus_adapter"),
+                     ("e_d_requantized_nf4", "a_nf4_plus_adapter"), ("lora_merged_16bit", "lora_as_trained"),
+                     ("lora_as_trained", "base_16bit"), ("a_nf4_plus_adapter", "base_nf4"), ("base_nf4", "base_16bit")):
+            pairs[f"{x} vs {y}"] = dict(mcnemar(res[x]["accuracy"]["correct"], res[y]["accuracy"]["correct"]), a=x, b=y)
+        q = pairs["a_nf4_plus_adapter vs lora_as_trained"]
+        log(f"QLoRA vs LoRA on the same {len(gen_items)} questions: right only with QLoRA {q['a_only']}, only with "
+            f"LoRA {q['b_only']}; McNemar's exact test p = {q['p']:.3g}")
+        with open(out / "answers.jsonl", "w") as f:   # every answer of every variant, for a person to read
+            for j, (ids, ref, question) in enumerate(gen_items):
+                f.write(json.dumps(dict(question=question, reference=ref, **{k: dict(answer=v[j], right=res[k]["accuracy"]["correct"][j])
+                                                                              for k, v in answers.items()})) + "\n")
+
     # 4. the estimator, checked against the measured peaks (CPU: peak RSS = runtime + tensors)
     args = read_args(cfg.model)
     est = {m: estimate_for_run(args, cfg, m, runs[m]) for m in ("lora", "qlora")}
@@ -318,10 +357,10 @@ def main(argv=None):
                  for bs, sl, ck in ((1, 512, True), (1, 512, False), (4, 512, False), (8, 1024, True))}
 
     report = dict(config={k: v for k, v in vars(cfg).items()}, training={m: {k: v for k, v in r.items() if k != "metrics"}
-                  for m, r in runs.items()}, quantization_damage=damage, paths=res, estimator=est, estimates_large=big,
+                  for m, r in runs.items()}, quantization_damage=damage, paths=res, paired=pairs, estimator=est, estimates_large=big,
                   llama2_7b_scenarios=scenarios, time_min=(time.time() - t0) / 60)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    plots(runs, est, big, out, log)
+    plots(runs, est, big, out, log, res)
     (out / "report.md").write_text(render_report(report))
     log(f"wrote {out}/report.md, report.json and plots in {(time.time() - t0) / 60:.1f} min")
 
@@ -329,7 +368,79 @@ def main(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Plots and the report
 
-def plots(runs, est, big, out, log):
+# Every scored variant, in the report's order, with the short name the plot and the tables use.
+VARIANTS = {"base_16bit": "16-bit base", "base_nf4": "NF4 base", "lora_as_trained": "LoRA",
+            "lora_merged_16bit": "LoRA merged", "a_nf4_plus_adapter": "QLoRA (a)", "b_merged_into_16bit_base": "(b)",
+            "c_b_requantized_nf4": "(c)", "d_merged_into_dequantized_nf4": "(d)", "e_d_requantized_nf4": "(e)"}
+NF4_VARIANTS = {"base_nf4", "a_nf4_plus_adapter", "c_b_requantized_nf4", "e_d_requantized_nf4"}   # the rest: 16-bit weights
+
+
+def spread(ys, gap):
+    """Label heights near ys (sorted) at least `gap` apart, so that labels of nearby points do not overlap."""
+    out = []
+    for y in ys:
+        out.append(max(y, out[-1] + gap) if out else y)
+    shift = (sum(ys) - sum(out)) / len(out)   # re-centre the column on the points
+    return [y + shift for y in out]
+
+
+def accuracy_plot(plt, runs, res, out):
+    """Accuracy (95% Wilson intervals) against memory: the trained models against their training peak,
+    and every variant against the bytes its weights take; the dashed line joins the variants that no other
+    beats on both (the Pareto front: less memory and more right answers)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw=dict(width_ratios=[1, 1.6]))
+
+    def point(ax, x, acc, color, label=None):
+        lo, hi = acc["ci95"]
+        y = 100 * acc["accuracy"]
+        ax.errorbar([x], [y], yerr=[[y - 100 * lo], [100 * hi - y]], fmt="o", color=color, capsize=3, label=label)
+        return y
+    for j, (m, name, label) in enumerate((("lora", "lora_as_trained", "LoRA"), ("qlora", "a_nf4_plus_adapter", "QLoRA"))):
+        x = runs[m]["peak_mem"] / 2**30
+        y = point(ax1, x, res[name]["accuracy"], f"C{j}")
+        ax1.annotate(label, (x, y), textcoords="offset points", xytext=(8, 8 - 16 * j), va="center")
+    lo_x = min(r["peak_mem"] for r in runs.values()) / 2**30
+    hi_x = max(r["peak_mem"] for r in runs.values()) / 2**30
+    ax1.set_xlim(lo_x - 0.3 * (hi_x - lo_x) - 0.05, hi_x + 0.5 * (hi_x - lo_x) + 0.05)
+    ax1.set_xlabel("training peak memory (GB)"), ax1.set_ylabel("held-out answers right (%)")
+    ax1.set_title("Trained: accuracy vs training peak")
+
+    names = [k for k in VARIANTS if "accuracy" in res.get(k, {})]
+    pts = {k: (res[k]["model_bytes"] / 2**30, 100 * res[k]["accuracy"]["accuracy"]) for k in names}
+    for k in names:
+        point(ax2, pts[k][0], res[k]["accuracy"], "C1" if k in NF4_VARIANTS else "C0")
+    front = sorted((k for k in names if not any(pts[o][0] <= pts[k][0] and pts[o][1] >= pts[k][1] and pts[o] != pts[k]
+                                                for o in names)), key=lambda k: pts[k][0])
+    ax2.plot([pts[k][0] for k in front], [pts[k][1] for k in front], "ko--", lw=0.8, ms=12, mfc="none",
+             label="Pareto front: nothing beats it on both")
+    ax2.plot([], [], "o", color="C0", label="16-bit weights"), ax2.plot([], [], "o", color="C1", label="NF4 weights")
+    # Variants of (nearly) the same size sit on one vertical line: their labels go in a column to its right.
+    xs = sorted(x for x, _ in pts.values())
+    width = max(xs[-1] - xs[0], 0.2 * xs[-1])
+    groups = []
+    for k in sorted(names, key=lambda k: pts[k][0]):
+        if groups and pts[k][0] - pts[groups[-1][0]][0] < 0.05 * width:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    ymin, ymax = ax2.get_ylim()
+    gap, placed = 0.07 * (ymax - ymin), []
+    for group in groups:
+        group.sort(key=lambda k: pts[k][1])
+        gx = max(pts[k][0] for k in group)
+        for k, ly in zip(group, spread([pts[k][1] for k in group], gap)):
+            ax2.annotate(f"{VARIANTS[k]} {pts[k][1]:.1f}%", pts[k], xytext=(gx + 0.08 * width, ly), fontsize=8,
+                         va="center", arrowprops=dict(arrowstyle="-", lw=0.4, color="grey"))
+            placed.append(ly)
+    ax2.set_ylim(min(ymin, min(placed) - gap), max(ymax, max(placed) + gap))
+    ax2.set_xlim(max(0, xs[0] - 0.15 * width), xs[-1] + 0.45 * width)
+    ax2.set_xlabel("model weights in memory (GB, as loaded here)")
+    ax2.set_title("Every variant: accuracy vs weight memory")
+    ax2.legend(fontsize=8, loc="best")
+    fig.tight_layout(), fig.savefig(out / "accuracy.png", dpi=110), plt.close(fig)
+
+
+def plots(runs, est, big, out, log, res):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -361,17 +472,33 @@ def plots(runs, est, big, out, log):
     ax.set_title("Memory breakdown (estimated parts, measured peak)")
     fig.tight_layout(), fig.savefig(out / "memory.png", dpi=110), plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     names = list(big)
     xs = [big[n]["params"] / 1e9 for n in names]
-    for m in ("lora", "qlora"):
-        ax.plot(xs, [big[n][m]["total"] / 2**30 for n in names], "o-", label=m.upper())
+    for m, label in (("lora", "LoRA"), ("qlora", "QLoRA")):
+        ys = [big[n][m]["total"] / 2**30 for n in names]
+        ax.plot(xs, ys, "o-", label=label)
+        for i, (n, x, y) in enumerate(zip(names, xs, ys)):
+            if m == "qlora":   # its size below the point
+                ax.annotate(f"{y:.1f} GB", (x, y), textcoords="offset points", fontsize=7, xytext=(0, -11), ha="center")
+            else:   # the model's name above the point, or left of it for every other one: neighbours (7B, 8B) are close
+                ax.annotate(n, (x, y), textcoords="offset points", fontsize=7, xytext=(-7, 0) if i % 2 else (0, 7),
+                            ha="right" if i % 2 else "center", va="center" if i % 2 else "bottom")
     for g in GPU_SIZES_GB:
         ax.axhline(g, color="grey", lw=0.5, ls=":")
-        ax.text(xs[-1], g, f" {g} GB", va="bottom", fontsize=7, color="grey")
-    ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("parameters (billions)"), ax.set_ylabel("predicted peak GB")
+        ax.text(xs[0] * 0.8, g, f"{g} GB GPU", va="bottom", fontsize=7, color="grey")
+    # Log axes with plain labels: matplotlib's default minor labels on a short log axis overlap ("3x10^0 4x10^0").
+    ax.set_xscale("log"), ax.set_yscale("log"), ax.minorticks_off()
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.6)   # room for the top point's name
+    ax.set_xticks(xs, [f"{x:.0f}B" if x >= 5 else f"{x:.1f}B" for x in xs])
+    ticks = [t for t in (0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256) if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlim(xs[0] * 0.7, xs[-1] * 1.3)
+    ax.set_xlabel("parameters"), ax.set_ylabel("predicted peak GB")
     ax.set_title("Predicted training memory (r=8, seq 512, batch 1, checkpointing, bf16)")
     ax.legend(), fig.tight_layout(), fig.savefig(out / "estimate.png", dpi=110), plt.close(fig)
+    if "accuracy" in res["base_16bit"]:
+        accuracy_plot(plt, runs, res, out)
 
 
 def render_report(r) -> str:
@@ -398,7 +525,7 @@ def render_report(r) -> str:
         f"KL(16-bit base ‖ NF4 base) = {D['kl_16bit_to_nf4']:.4f} nats/token; eval loss {P['base_16bit']['eval_loss']:.4f} → "
         f"{P['base_nf4']['eval_loss']:.4f} ({D['eval_loss_gap']:+.4f}).", "",
         "## Merge paths", "",
-        "| path | eval loss | KL to as-trained | effect kept |", "|---|---|---|---|"]
+        "| path | eval loss | KL to as-trained | effect kept | answers right |", "|---|---|---|---|---|"]
     for k, label in (("a_nf4_plus_adapter", "(a) NF4 base + adapter, as trained"),
                      ("b_merged_into_16bit_base", "(b) merged into the reloaded 16-bit base"),
                      ("c_b_requantized_nf4", "(c) (b) requantized to NF4"),
@@ -406,10 +533,12 @@ def render_report(r) -> str:
                      ("e_d_requantized_nf4", "(e) (d) requantized: merging into 4-bit in place"),
                      ("lora_merged_16bit", "LoRA merged into its 16-bit base")):
         x = P[k]
-        lines.append(f"| {label} | {x['eval_loss']:.4f} | {x['kl_to_trained']:.2e} | {100 * x['effect_kept']:.0f}% |")
+        lines.append(f"| {label} | {x['eval_loss']:.4f} | {x['kl_to_trained']:.2e} | {100 * x['effect_kept']:.0f}% | "
+                     f"{pct(x['accuracy']) if 'accuracy' in x else '-'} |")
     lines += ["", "Effect kept = how far the path moved the eval loss from its own untrained base, as a share of what "
-              "training moved it ((a) against the NF4 base; (b) against the 16-bit base).", "",
-              "## Memory estimator", "",
+              "training moved it ((a) against the NF4 base; (b) against the 16-bit base).", ""]
+    lines += accuracy_section(r)
+    lines += ["## Memory estimator", "",
               "| | runtime (measured) | weights | adapters + grads + optimizer | activations | transient | "
               "predicted | measured | error |", "|---|---|---|---|---|---|---|---|---|"]
     for m in ("lora", "qlora"):
@@ -452,8 +581,67 @@ def render_report(r) -> str:
               f"(the NF4 base alone costs {D['eval_loss_gap']:+.4f}). "
               f"Of the QLoRA merge paths, {best.split('_')[0]} gives the lowest eval loss; merging into 4-bit in place (e) "
               f"keeps {100 * P['e_d_requantized_nf4']['effect_kept']:.0f}% of the fine-tune's effect, and keeping the "
-              f"dequantized merge in 16-bit (d) keeps {100 * P['d_merged_into_dequantized_nf4']['effect_kept']:.0f}%."]
+              f"dequantized merge in 16-bit (d) keeps {100 * P['d_merged_into_dequantized_nf4']['effect_kept']:.0f}%.",
+              "", accuracy_verdict(r)]
     return "\n".join(lines) + "\n"
+
+
+def pct(acc) -> str:
+    lo, hi = acc["ci95"]
+    return f"{100 * acc['accuracy']:.1f}% ({100 * lo:.1f}–{100 * hi:.1f})"
+
+
+def reading(x) -> str:
+    if x["a_only"] + x["b_only"] == 0:
+        return "no difference: the same questions right"
+    return "a real difference (p < 0.05)" if x["p"] < 0.05 else "could be chance at this sample size"
+
+
+def size(b) -> str:
+    return f"{b / 2**30:.2f} GB" if b >= 2**30 / 10 else f"{b / 2**20:.1f} MB"
+
+
+def accuracy_section(r) -> list[str]:
+    P = r["paths"]
+    if "accuracy" not in P["base_16bit"]:
+        return ["## Accuracy", "", "Not measured: pass `--eval-generate N` (and `--eval-metric`, see `train.py --help`) "
+                "to score every variant's answers to N held-out examples against their references.", ""]
+    a = P["base_16bit"]["accuracy"]
+    lines = ["## Accuracy", "",
+             f"Every variant greedy-answers the same {a['n']} held-out questions; an answer is right when it matches "
+             f"the reference ({a['metric']}). Intervals are 95% Wilson intervals; answers.jsonl has every answer.", "",
+             "| variant | answers right (95% interval) | eval loss | weights in memory |", "|---|---|---|---|"]
+    for k, name in VARIANTS.items():
+        lines.append(f"| {name} | {pct(P[k]['accuracy'])} | {P[k]['eval_loss']:.4f} | {size(P[k]['model_bytes'])} |")
+    lines += ["", "![accuracy](accuracy.png)", "",
+              "Paired on the same questions (McNemar's exact test on the questions only one of the two gets right):", "",
+              "| first vs second | right only in the first | only in the second | p | reading |", "|---|---|---|---|---|"]
+    for x in r["paired"].values():
+        lines.append(f"| {VARIANTS[x['a']]} vs {VARIANTS[x['b']]} | {x['a_only']} | {x['b_only']} | {x['p']:.3g} | "
+                     f"{reading(x)} |")
+    return lines + [""]
+
+
+def accuracy_verdict(r) -> str:
+    """What the accuracy numbers say, in words: QLoRA against LoRA, training against none, the merge paths."""
+    P, pairs = r["paths"], r["paired"]
+    if not pairs:
+        return "Accuracy was not measured (pass `--eval-generate N`)."
+    q, lo, la = pairs["a_nf4_plus_adapter vs lora_as_trained"], P["lora_as_trained"]["accuracy"], P["a_nf4_plus_adapter"]["accuracy"]
+    n, diff = la["n"], 100 * (la["accuracy"] - lo["accuracy"])
+    half = 50 * max(la["ci95"][1] - la["ci95"][0], lo["ci95"][1] - lo["ci95"][0])
+    t = pairs["lora_as_trained vs base_16bit"]
+    out = (f"On {n} held-out questions the 16-bit base answered {100 * P['base_16bit']['accuracy']['accuracy']:.1f}% right, "
+           f"LoRA {100 * lo['accuracy']:.1f}% and QLoRA {100 * la['accuracy']:.1f}% ({diff:+.1f} points). "
+           f"Trained LoRA against the untrained base: {reading(t)} (p = {t['p']:.2g}). QLoRA alone got {q['a_only']} questions right that "
+           f"LoRA missed and LoRA alone {q['b_only']}: p = {q['p']:.2g}; QLoRA against LoRA: {reading(q)}")
+    if q["p"] >= 0.05 and q["a_only"] + q["b_only"]:
+        out += (f"; at ±{half:.0f} points per interval, a gap of a few points would need several times more questions "
+                "to show (`--eval-generate`, `--eval-examples`)")
+    differ = [VARIANTS[x["a"]] for x in pairs.values() if x["b"] == "a_nf4_plus_adapter" and x["p"] < 0.05]
+    out += (". Merge paths that answer differently from (a) beyond chance: " + ", ".join(differ) + "." if differ else
+            ". No merge path answers differently from (a) beyond chance.")
+    return out
 
 
 if __name__ == "__main__":

@@ -109,22 +109,40 @@ def test_compiled_qlora_saves_no_dequantized_weight():
 
 
 def test_audit_report_has_every_section(tiny_run, tmp_path):
+    """Every section with finite numbers, accuracy for all nine variants with intervals and the paired
+    tests, every plot; and without --eval-generate the report says how to get accuracy."""
+    from audit import VARIANTS, render_report
+    from score import mcnemar, wilson
     model, data = tiny_run
     main(["--out", str(tmp_path / "audit"), "--model", str(model), "--data", str(data), "--max-steps", "3",
           "--eval-examples", "8", "--seq-len", "64", "--batch-size", "4", "--lr", "5e-3", "--kl-tokens", "64",
-          "--dtype", "float32", "--device", "cpu"])
+          "--dtype", "float32", "--device", "cpu", "--eval-generate", "4", "--eval-max-new-tokens", "4"])
     r = json.loads((tmp_path / "audit/report.json").read_text())
     nums = [r["quantization_damage"]["kl_16bit_to_nf4"], r["quantization_damage"]["eval_loss_gap"]]
-    nums += [v for p in r["paths"].values() for v in p.values()]
+    nums += [v for p in r["paths"].values() for k, v in p.items() if k != "accuracy"]
     nums += [r["training"][m][k] for m in ("lora", "qlora") for k in ("peak_mem", "tokens_per_s", "eval_loss_after")]
     nums += [r["estimator"][m]["predicted_peak"] for m in ("lora", "qlora")]
+    assert set(r["paths"]) == set(VARIANTS)
+    for name, p in r["paths"].items():
+        a = p["accuracy"]
+        assert a["n"] == 4 and a["right"] == sum(a["correct"]) and list(a["ci95"]) == pytest.approx(list(wilson(a["right"], 4)))
+        nums += [a["accuracy"], *a["ci95"], p["model_bytes"]]
     assert all(math.isfinite(x) for x in nums)
-    assert set(r["paths"]) >= {"a_nf4_plus_adapter", "b_merged_into_16bit_base", "c_b_requantized_nf4",
-                               "d_merged_into_dequantized_nf4", "e_d_requantized_nf4", "lora_merged_16bit"}
+    assert r["paths"]["base_nf4"]["model_bytes"] < r["paths"]["base_16bit"]["model_bytes"]
+    q = r["paired"]["a_nf4_plus_adapter vs lora_as_trained"]
+    assert {k: q[k] for k in ("a_only", "b_only", "p")} == mcnemar(r["paths"]["a_nf4_plus_adapter"]["accuracy"]["correct"],
+                                                                   r["paths"]["lora_as_trained"]["accuracy"]["correct"])
+    answers = [json.loads(l) for l in (tmp_path / "audit/answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 4 and set(answers[0]) == {"question", "reference", *VARIANTS}
     md = (tmp_path / "audit/report.md").read_text()
-    for section in ("## Training", "## Quantization damage", "## Merge paths", "## Memory estimator", "## Verdict"):
+    for section in ("## Training", "## Quantization damage", "## Merge paths", "## Accuracy", "## Memory estimator",
+                    "## Verdict", "QLoRA alone got", "![accuracy](accuracy.png)"):
         assert section in md
-    assert all((tmp_path / "audit" / f).is_file() for f in ("loss.png", "memory.png", "estimate.png"))
+    assert all((tmp_path / "audit" / f).is_file() for f in ("loss.png", "memory.png", "estimate.png", "accuracy.png"))
+    for p in r["paths"].values():
+        del p["accuracy"]
+    r["paired"] = {}
+    assert "Not measured: pass `--eval-generate N`" in render_report(r)
 
 
 def test_estimator_counts_the_padding_of_padded_rows(tiny_run, tmp_path):
