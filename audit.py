@@ -331,8 +331,8 @@ def main(argv=None):
         log(f"QLoRA vs LoRA on the same {len(gen_items)} questions: right only with QLoRA {q['a_only']}, only with "
             f"LoRA {q['b_only']}; McNemar's exact test p = {q['p']:.3g}")
         with open(out / "answers.jsonl", "w") as f:   # every answer of every variant, for a person to read
-            for j, (ids, ref, question) in enumerate(gen_items):
-                f.write(json.dumps(dict(question=question, reference=ref, **{k: dict(answer=v[j], right=res[k]["accuracy"]["correct"][j])
+            for j, q in enumerate(gen_items):
+                f.write(json.dumps(dict(question=q.text, reference=q.reference, **{k: dict(answer=v[j], right=res[k]["accuracy"]["correct"][j])
                                                                               for k, v in answers.items()})) + "\n")
 
     # 4. the estimator, checked against the measured peaks (CPU: peak RSS = runtime + tensors)

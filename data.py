@@ -535,6 +535,8 @@ def read_dataset(path) -> Records:
     out.shapes = {}
     for line, row in records:
         shape, msgs = _to_messages(row, f"{path}:{line}")
+        if isinstance(row, dict) and "choices" in row:   # multiple choice: kept on the answer, for --eval-metric loglik
+            msgs[-1]["choices"] = _checked_choices(row["choices"], msgs[-1], f"{path}:{line}")
         out.append(msgs)
         out.shapes[shape] = out.shapes.get(shape, 0) + 1
     if not out:
@@ -678,6 +680,16 @@ def _checked_messages(msgs, key, where) -> list[dict]:
     if not any(m["role"] == "assistant" for m in out):
         raise ValueError(f"{where}: '{key}' has no assistant turn (nothing to learn)")
     return out
+
+
+def _checked_choices(choices, answer: dict, where) -> list[str]:
+    """A record's 'choices': two or more strings, the reference answer one of them."""
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        got = f"{len(choices)} item(s), not all strings" if isinstance(choices, list) else _json_type(choices)
+        raise ValueError(f"{where}: 'choices' must be an array of two or more strings, got {got}")
+    if answer["role"] != "assistant" or answer["content"] not in choices:
+        raise ValueError(f"{where}: the answer {answer['content'][:60]!r} is not one of its 'choices'")
+    return choices
 
 
 def split_eval(convs: list, n_eval: int, seed: int = 0):

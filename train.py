@@ -79,7 +79,7 @@ class TrainConfig:
     eval_examples: int = 100        # held-out examples (a fixed seeded split)
     eval_every: int = 0             # evaluate every N steps (0 = only before and after training); with --eval-generate, score answers then too
     eval_generate: int = 0          # also greedy-generate answers to N held-out examples before and after training and score them against the references (accuracy, 95% interval, paired test)
-    eval_metric: str = "exact"      # how --eval-generate scores an answer: exact | contains | numeric | choice | regex (score.py)
+    eval_metric: str = "exact"      # how --eval-generate scores an answer: exact | contains | numeric | choice | regex (score.py), or loglik: records with "choices", the choice of highest log-probability (no generation)
     eval_regex: str = ""            # the pattern for --eval-metric regex (its first group, or the match, must equal the reference)
     eval_max_new_tokens: int = 64   # --eval-generate stops an answer after this many tokens (or at a stop token)
     save_every: int = 0             # save adapter + checkpoint every N steps (0 = only at the end)
@@ -187,32 +187,79 @@ def prepare_data(cfg: TrainConfig, tok, log=print):
     return train_ex, eval_ex
 
 
-def generation_set(cfg: TrainConfig, tok) -> list[tuple[list[int], str, str]]:
-    """--eval-generate: (prompt ids, reference answer, prompt text) of the first N held-out conversations;
-    the prompt is everything before the last assistant turn, the reference that turn."""
-    if cfg.eval_metric not in METRICS or (cfg.eval_metric == "regex") != bool(cfg.eval_regex):
-        raise ValueError(f"--eval-metric {cfg.eval_metric!r}: choose one of {', '.join(METRICS)}; --eval-regex "
+class Question(NamedTuple):
+    """A held-out question for --eval-generate: its prompt's tokens, the reference answer, the question's
+    text (for the log), and for --eval-metric loglik the choices, each as (ids, loss mask) of the whole
+    conversation with that choice as the answer."""
+    prompt_ids: list[int]
+    reference: str
+    text: str
+    choices: tuple = ()
+    choice_examples: tuple = ()
+
+
+EVAL_METRICS = METRICS + ("loglik",)
+
+
+def generation_set(cfg: TrainConfig, tok) -> list[Question]:
+    """--eval-generate: the first N held-out conversations as questions; the prompt is everything before
+    the last assistant turn, the reference that turn. loglik takes the multiple-choice ones only."""
+    if cfg.eval_metric not in EVAL_METRICS or (cfg.eval_metric == "regex") != bool(cfg.eval_regex):
+        raise ValueError(f"--eval-metric {cfg.eval_metric!r}: choose one of {', '.join(EVAL_METRICS)}; --eval-regex "
                          "goes with regex, and only with it")
+    loglik = cfg.eval_metric == "loglik"
     fmt = prompt_format(tok, cfg.prompt_format or None)
     _, eval_convs = load_examples(cfg.data, cfg.eval_examples, seed=0)
-    convs = [c for c in eval_convs if c[-1]["role"] == "assistant"][:cfg.eval_generate]
-    return [(encode_chat(tok, c[:-1], add_generation_prompt=True, fmt=fmt)[0], c[-1]["content"],
-             c[-2]["content"] if len(c) > 1 else "") for c in convs]
+    convs = [c for c in eval_convs if c[-1]["role"] == "assistant" and (not loglik or "choices" in c[-1])]
+    if loglik and not convs:
+        raise ValueError(f"--eval-metric loglik scores multiple-choice records ({{..., \"choices\": [...]}}, the "
+                         f"answer one of them): none of the {len(eval_convs)} held-out records of {cfg.data} has choices")
+    return [Question(encode_chat(tok, c[:-1], add_generation_prompt=True, fmt=fmt)[0], c[-1]["content"],
+                     c[-2]["content"] if len(c) > 1 else "", tuple(c[-1]["choices"]) if loglik else (),
+                     tuple(encode_chat(tok, c[:-1] + [dict(role="assistant", content=x)], fmt=fmt)
+                           for x in c[-1]["choices"]) if loglik else ())
+            for c in convs[:cfg.eval_generate]]
 
 
-def accuracy(model, tok, items, cfg: TrainConfig) -> dict:
-    """Greedy answers to the --eval-generate prompts, scored: right/n, accuracy, its 95% Wilson interval."""
+@torch.no_grad()
+def answer_logliks(model, examples: list[tuple[list[int], list[bool]]], batch: int = 8) -> list[float]:
+    """For each (ids, loss mask): the summed log-probability of its answer tokens (the masked ones) given
+    the tokens before them. Only those positions go through lm_head (the vocabulary is large)."""
+    dev, out = model.lm_head.weight.device, []
+    for i in range(0, len(examples), batch):
+        chunk = [(ids, [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])] + [IGNORE])   # position j predicts j+1
+                 for ids, mask in examples[i:i + batch]]
+        ids, tgt, seg = (t.to(dev) for t in collate(chunk))
+        h = model.hidden(ids, seg)
+        where = tgt != IGNORE
+        lp = model.lm_head(h[where]).float().log_softmax(-1).gather(-1, tgt[where][:, None])[:, 0]
+        row = where.nonzero()[:, 0]
+        out += torch.zeros(len(chunk), dtype=torch.float64, device=dev).index_add_(0, row, lp.double()).tolist()
+    return out
+
+
+def accuracy(model, tok, items: list[Question], cfg: TrainConfig) -> dict:
+    """The --eval-generate questions answered and scored: right/n, accuracy, its 95% Wilson interval.
+    Answers are greedy generations, or with loglik the choice of highest log-probability."""
     model.eval()
-    answers, room = [], model.args.max_seq_len - cfg.eval_max_new_tokens   # a longer prompt keeps its end
-    if room < 1:
-        raise ValueError(f"--eval-max-new-tokens {cfg.eval_max_new_tokens} leaves no room for a prompt in the "
-                         f"model's {model.args.max_seq_len} tokens")
-    with torch.compiler.set_stance("force_eager"):   # with --compile, decoding would recompile for every length
-        for i in range(0, len(items), 8):
-            answers += [tok.decode(a) for a in generate_batch(model, [p[-room:] for p, _, _ in items[i:i + 8]],
-                                                               cfg.eval_max_new_tokens, tok.stop_ids)]
+    if cfg.eval_metric == "loglik":
+        flat = answer_logliks(model, [x for q in items for x in q.choice_examples])
+        answers = []
+        for q in items:
+            scores, flat = flat[:len(q.choices)], flat[len(q.choices):]
+            answers.append(q.choices[max(range(len(scores)), key=scores.__getitem__)])
+        right = [a == q.reference for a, q in zip(answers, items)]
+    else:
+        answers, room = [], model.args.max_seq_len - cfg.eval_max_new_tokens   # a longer prompt keeps its end
+        if room < 1:
+            raise ValueError(f"--eval-max-new-tokens {cfg.eval_max_new_tokens} leaves no room for a prompt in the "
+                             f"model's {model.args.max_seq_len} tokens")
+        with torch.compiler.set_stance("force_eager"):   # with --compile, decoding would recompile for every length
+            for i in range(0, len(items), 8):
+                answers += [tok.decode(a) for a in generate_batch(model, [q.prompt_ids[-room:] for q in items[i:i + 8]],
+                                                                   cfg.eval_max_new_tokens, tok.stop_ids)]
+        right = [score(a, q.reference, cfg.eval_metric, cfg.eval_regex or None) for a, q in zip(answers, items)]
     model.train()
-    right = [score(a, ref, cfg.eval_metric, cfg.eval_regex or None) for a, (_, ref, _) in zip(answers, items)]
     k, n = sum(right), len(right)
     return dict(metric=cfg.eval_metric, right=k, n=n, accuracy=k / max(n, 1), ci95=wilson(k, n),
                 correct=right, answers=answers)
@@ -565,9 +612,9 @@ def finish(run: Run, model, opt, summary: dict, eval_batches, t_start, metrics, 
             summary["accuracy_paired"] = paired
             run.log(f"  right only after training: {paired['a_only']}, only before: {paired['b_only']}; McNemar's "
                     f"exact test p = {paired['p']:.3g}{' (a real difference at 5%)' if paired['p'] < 0.05 else ''}")
-        for (_, ref, prompt), j in zip(gen_items, range(3)):
+        for q, j in zip(gen_items, range(3)):
             was = f" (before: {acc_before['answers'][j][:80]!r})" if acc_before else ""
-            run.log(f"  Q {prompt[:80]!r}\n    reference {ref[:80]!r}\n    answer    {acc['answers'][j][:80]!r}{was}")
+            run.log(f"  Q {q.text[:80]!r}\n    reference {q.reference[:80]!r}\n    answer    {acc['answers'][j][:80]!r}{was}")
     save(run, model, opt, step)
     if run.rank == 0:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}

@@ -528,6 +528,56 @@ def test_eval_generate_scores_answers_before_and_after(tiny_run, tmp_path):
     assert r.returncode == 2 and "--eval-metric 'bleu'" in r.stderr and not (tmp_path / "bad").exists()
 
 
+def _choice_data(path, n=48, seed=0):
+    """Multiple-choice records in two shapes: the answer repeats the question's first word."""
+    import random
+    rng, words, rows = random.Random(seed), ["red", "blue", "cat", "dog", "sun", "moon"], []
+    for i in range(n):
+        q = rng.sample(words, 3)
+        rec = dict(instruction=f"Which word comes first: {' '.join(q)}?", output=q[0], choices=sorted(q))
+        rows.append(rec if i % 2 else dict(messages=[dict(role="user", content=rec["instruction"]),
+                                                     dict(role="assistant", content=q[0])], choices=sorted(q)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_metric_loglik_picks_the_most_likely_choice(tiny_run, tmp_path):
+    """--eval-metric loglik: each choice's answer log-probability equals minus the training loss of the
+    conversation with that answer (one at a time, through loss_sum), and the pick is the largest; through
+    the CLI too. Data without choices, or a reference not among them, is refused with file and line."""
+    from data import encode_example, load_tokenizer, prompt_format
+    from formats import load_model
+    from train import TrainConfig, accuracy, answer_logliks, generation_set, loss_sum, to_batch
+    data = _choice_data(tmp_path / "mc.jsonl")
+    cfg = TrainConfig(model=str(tiny_run[0]), data=str(data), eval_examples=8, eval_generate=6, eval_metric="loglik")
+    tok, model = load_tokenizer(tiny_run[0]), load_model(tiny_run[0], torch.float32, device="cpu")
+    items = generation_set(cfg, tok)
+    assert len(items) == 6 and all(q.reference in q.choices and len(q.choice_examples) == 3 for q in items)
+    acc = accuracy(model, tok, items, cfg)
+    fmt = prompt_format(tok)
+    for q, answer in zip(items, acc["answers"]):
+        msgs = [dict(role="user", content=q.text)]
+        one = []
+        for c in q.choices:
+            ids, tgt = encode_example(tok, fmt, msgs + [dict(role="assistant", content=c)], 64)[:2]
+            with torch.no_grad():
+                one.append(-loss_sum(model, to_batch(torch.tensor([ids]), torch.tensor([tgt]), None, "cpu")).item())
+        assert answer_logliks(model, list(q.choice_examples)) == pytest.approx(one, abs=1e-4)
+        assert answer == q.choices[one.index(max(one))]
+    assert acc["right"] == sum(a == q.reference for a, q in zip(acc["answers"], items))
+    out = tmp_path / "run"
+    r = _run(_cli((tiny_run[0], data), out, "--max-steps", "2", "--eval-generate", "6", "--eval-metric", "loglik"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["accuracy_after"]["metric"] == "loglik" and s["accuracy_after"]["n"] == 6
+    r = _run(_cli(tiny_run, tmp_path / "bad", "--eval-generate", "5", "--eval-metric", "loglik"))
+    assert r.returncode == 2 and "none of the 8 held-out records" in r.stderr and not (tmp_path / "bad").exists()
+    bad = tmp_path / "badmc.jsonl"
+    bad.write_text(data.read_text() + json.dumps(dict(instruction="Pick", output="x", choices=["a", "b"])) + "\n")
+    r = _run(_cli((tiny_run[0], bad), tmp_path / "bad", "--eval-generate", "5", "--eval-metric", "loglik"))
+    assert r.returncode == 2 and "badmc.jsonl:49: the answer 'x' is not one of its 'choices'" in r.stderr
+
+
 def test_help_explains_every_flag():
     r = _run([sys.executable, str(ROOT / "train.py"), "--help"])
     assert r.returncode == 0, r.stderr[-2000:]
