@@ -42,7 +42,7 @@ from formats import load_model, read_args
 from merge import requantize_nf4
 from model import ModelArgs
 from score import mcnemar
-from train import LMHeadLoss, TrainConfig, accuracy, describe_accuracy, generation_set
+from train import LMHeadLoss, TrainConfig, accuracy, describe_accuracy, generation_set, make_batch
 
 GPU_SIZES_GB = (8, 12, 16, 24, 40, 80)
 # Without --data: the generated task (defaults.task_records), with what it needs to be learned in a CPU
@@ -170,13 +170,14 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
 
 @torch.no_grad()
 def eval_model(model, batches, keep_logprobs: int = 0):
-    """Token-mean eval loss; with keep_logprobs > 0, the log-probs at the first that many target tokens."""
+    """Token-mean eval loss over train.Batch micro-batches; with keep_logprobs > 0, the log-probs at the
+    first that many target tokens (the same tokens for every model, as the batches are the same)."""
     model.eval()
     total, n, kept = 0.0, 0, []
-    for ids, tgt in batches:
-        keep = tgt != IGNORE
-        h = model.hidden(ids)[keep]
-        total += LMHeadLoss.apply(h, model.lm_head.weight, tgt[keep]).item()
+    for b in batches:
+        h = model.hidden(b.ids, b.seg)
+        h = h.reshape(-1, h.shape[-1]).index_select(0, b.where)
+        total += LMHeadLoss.apply(h, model.lm_head.weight, b.targets).item()
         n += len(h)
         if sum(len(k) for k in kept) < keep_logprobs:
             kept.append((h @ model.lm_head.weight.T).float().log_softmax(-1)[:keep_logprobs])
@@ -266,7 +267,7 @@ def main(argv=None):
     ex = [encode_example(tok, fmt, c, cfg.seq_len) for c in eval_convs]
     ex = [(i, t) for i, t, _ in ex if any(x != IGNORE for x in t)]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    batches = [(torch.tensor([i], device=dev), torch.tensor([t], device=dev)) for i, t in ex]
+    batches = [make_batch(ex[i:i + cfg.batch_size], cfg, dev, flat=dev == "cpu") for i in range(0, len(ex), cfg.batch_size)]
     K = a.kl_tokens
     res, answers = {}, {}
     gen_items = generation_set(cfg, tok) if cfg.eval_generate else []

@@ -5,6 +5,7 @@ Scoring generated answers against reference answers, with error bars.
     score("The answer is 85.", "85", "numeric")     # True: the last number in each is equal
     wilson(31, 40)                                  # (0.625, 0.877): 95% interval of 31 right out of 40
     mcnemar(right_a, right_b)                       # who gets which examples right, and the exact p-value
+    pick_metric(["85", "-3.5"])                     # "numeric": the metric --eval-metric auto takes
 
 Metrics (METRICS): exact (after normalisation: case, whitespace, punctuation), contains (the normalised
 reference appears in the normalised answer), numeric (the last number of each, equal within a relative
@@ -62,6 +63,17 @@ def score(answer: str, reference: str, metric: str = "exact", pattern: str | Non
         raise ValueError("metric 'regex' needs a pattern (--eval-regex)")
     m = re.search(pattern, answer)
     return bool(m) and normalize(m.group(1) if m.groups() else m.group(0)) == normalize(reference)
+
+
+def pick_metric(references: list[str]) -> str:
+    """The metric that suits these references: choice when every one is a choice letter, numeric when
+    every one is a number, else exact."""
+    refs = [r.strip() for r in references]
+    if refs and all(re.fullmatch(r"\(?[A-J]\)?", r) for r in refs):
+        return "choice"
+    if refs and all(_NUMBER.fullmatch(r) for r in refs):
+        return "numeric"
+    return "exact"
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:

@@ -47,7 +47,7 @@ from lora import apply_lora, lora_layers
 from nf4 import NF4Linear, place_tables
 from optim import AdamW8bit
 from runs import Diverged, Metrics, Run, SaveFailed, StopSignals, atomic_write, check_out_dir, last_good, resume, save
-from score import METRICS, mcnemar, score, wilson
+from score import METRICS, mcnemar, pick_metric, score, wilson
 
 
 @dataclass
@@ -79,7 +79,7 @@ class TrainConfig:
     eval_examples: int = 100        # held-out examples (a fixed seeded split)
     eval_every: int = 0             # evaluate every N steps (0 = only before and after training); with --eval-generate, score answers then too
     eval_generate: int = 0          # also greedy-generate answers to N held-out examples before and after training and score them against the references (accuracy, 95% interval, paired test)
-    eval_metric: str = "exact"      # how --eval-generate scores an answer: exact | contains | numeric | choice | regex (score.py), or loglik: records with "choices", the choice of highest log-probability (no generation)
+    eval_metric: str = "auto"       # how --eval-generate scores an answer: exact | contains | numeric | choice | regex (score.py), or loglik: records with "choices", the choice of highest log-probability (no generation); auto: loglik if the records have choices, choice if the references are letters, numeric if numbers, else exact
     eval_regex: str = ""            # the pattern for --eval-metric regex (its first group, or the match, must equal the reference)
     eval_max_new_tokens: int = 64   # --eval-generate stops an answer after this many tokens (or at a stop token)
     save_every: int = 0             # save adapter + checkpoint every N steps (0 = only at the end)
@@ -199,18 +199,26 @@ class Question(NamedTuple):
 
 
 EVAL_METRICS = METRICS + ("loglik",)
+# Answers generated per batch: each decoding step reads every weight once (and dequantizes every NF4 one),
+# so wide batches are what make scoring hundreds of answers cheap; the KV cache of 64 short rows is small.
+GENERATE_BATCH = 64
 
 
 def generation_set(cfg: TrainConfig, tok) -> list[Question]:
     """--eval-generate: the first N held-out conversations as questions; the prompt is everything before
     the last assistant turn, the reference that turn. loglik takes the multiple-choice ones only."""
-    if cfg.eval_metric not in EVAL_METRICS or (cfg.eval_metric == "regex") != bool(cfg.eval_regex):
-        raise ValueError(f"--eval-metric {cfg.eval_metric!r}: choose one of {', '.join(EVAL_METRICS)}; --eval-regex "
-                         "goes with regex, and only with it")
-    loglik = cfg.eval_metric == "loglik"
+    if cfg.eval_metric not in ("auto",) + EVAL_METRICS or (cfg.eval_metric == "regex") != bool(cfg.eval_regex):
+        raise ValueError(f"--eval-metric {cfg.eval_metric!r}: choose auto or one of {', '.join(EVAL_METRICS)}; "
+                         "--eval-regex goes with regex, and only with it")
     fmt = prompt_format(tok, cfg.prompt_format or None)
     _, eval_convs = load_examples(cfg.data, cfg.eval_examples, seed=0)
-    convs = [c for c in eval_convs if c[-1]["role"] == "assistant" and (not loglik or "choices" in c[-1])]
+    convs = [c for c in eval_convs if c[-1]["role"] == "assistant"]
+    if cfg.eval_metric == "auto":   # resolved here, once, into the config the run records
+        picked = convs[:cfg.eval_generate]
+        cfg.eval_metric = ("loglik" if picked and all("choices" in c[-1] for c in picked)
+                           else pick_metric([c[-1]["content"] for c in picked]))
+    loglik = cfg.eval_metric == "loglik"
+    convs = [c for c in convs if not loglik or "choices" in c[-1]]
     if loglik and not convs:
         raise ValueError(f"--eval-metric loglik scores multiple-choice records ({{..., \"choices\": [...]}}, the "
                          f"answer one of them): none of the {len(eval_convs)} held-out records of {cfg.data} has choices")
@@ -240,26 +248,37 @@ def answer_logliks(model, examples: list[tuple[list[int], list[bool]]], batch: i
 
 def accuracy(model, tok, items: list[Question], cfg: TrainConfig) -> dict:
     """The --eval-generate questions answered and scored: right/n, accuracy, its 95% Wilson interval.
-    Answers are greedy generations, or with loglik the choice of highest log-probability."""
+    Answers are greedy generations, or with loglik the choice of highest log-probability. Under torchrun
+    each rank answers every world-th question and all ranks get every answer."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine, answers = items[rank::world], []
     model.eval()
     if cfg.eval_metric == "loglik":
-        flat = answer_logliks(model, [x for q in items for x in q.choice_examples])
-        answers = []
-        for q in items:
+        flat = answer_logliks(model, [x for q in mine for x in q.choice_examples])
+        for q in mine:
             scores, flat = flat[:len(q.choices)], flat[len(q.choices):]
             answers.append(q.choices[max(range(len(scores)), key=scores.__getitem__)])
-        right = [a == q.reference for a, q in zip(answers, items)]
     else:
-        answers, room = [], model.args.max_seq_len - cfg.eval_max_new_tokens   # a longer prompt keeps its end
+        room = model.args.max_seq_len - cfg.eval_max_new_tokens   # a longer prompt keeps its end
         if room < 1:
             raise ValueError(f"--eval-max-new-tokens {cfg.eval_max_new_tokens} leaves no room for a prompt in the "
                              f"model's {model.args.max_seq_len} tokens")
+        # Prompts of similar length batched together (less padding), answers put back in order after.
+        order, B = sorted(range(len(mine)), key=lambda j: len(mine[j].prompt_ids)), GENERATE_BATCH
+        answers = [""] * len(mine)
         with torch.compiler.set_stance("force_eager"):   # with --compile, decoding would recompile for every length
-            for i in range(0, len(items), 8):
-                answers += [tok.decode(a) for a in generate_batch(model, [q.prompt_ids[-room:] for q in items[i:i + 8]],
-                                                                   cfg.eval_max_new_tokens, tok.stop_ids)]
-        right = [score(a, q.reference, cfg.eval_metric, cfg.eval_regex or None) for a, q in zip(answers, items)]
+            for i in range(0, len(order), B):
+                rows = order[i:i + B]
+                for j, a in zip(rows, generate_batch(model, [mine[j].prompt_ids[-room:] for j in rows],
+                                                     cfg.eval_max_new_tokens, tok.stop_ids)):
+                    answers[j] = tok.decode(a)
     model.train()
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, answers)
+        answers = [parts[i % world][i // world] for i in range(len(items))]
+    right = [a == q.reference if cfg.eval_metric == "loglik" else score(a, q.reference, cfg.eval_metric, cfg.eval_regex or None)
+             for a, q in zip(answers, items)]
     k, n = sum(right), len(right)
     return dict(metric=cfg.eval_metric, right=k, n=n, accuracy=k / max(n, 1), ci95=wilson(k, n),
                 correct=right, answers=answers)
@@ -487,6 +506,8 @@ def train(cfg: TrainConfig) -> dict:
     tok = load_tokenizer(cfg.model)
     train_ex, eval_ex = prepare_data(cfg, tok, run.log)
     gen_items = generation_set(cfg, tok) if cfg.eval_generate else []
+    if gen_items:
+        run.log(f"--eval-generate: {len(gen_items)} held-out questions, scored by {cfg.eval_metric}")
     model, params, opt, info = build_model(run)
     step = resume(run, model, opt) if cfg.resume else 0
     per_step = cfg.batch_size * cfg.grad_accum * run.world

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from score import mcnemar, score, wilson
+from score import mcnemar, pick_metric, score, wilson
 
 
 def test_exact_and_contains_normalise_case_whitespace_punctuation():
@@ -90,3 +90,10 @@ def test_task_records_are_right_unique_and_reproducible():
     for r in recs:
         assert r["output"] == _solve(r["family"], r["instruction"]), r
         assert r["instruction"].endswith(" only.") and score(r["output"], r["output"], "exact")
+
+
+def test_pick_metric_suits_the_references():
+    """--eval-metric auto: choice letters, numbers, anything else."""
+    assert pick_metric(["A", "(C)", " J "]) == "choice"
+    assert pick_metric(["85", "-3.5", "1,000", ".5"]) == "numeric"
+    assert pick_metric(["85", "eighty"]) == pick_metric(["A", "K"]) == pick_metric(["a, b"]) == pick_metric([]) == "exact"

@@ -73,18 +73,27 @@ def test_prompt_tokens_carry_no_loss(tiny_run):
     assert all(t != IGNORE for t in tgt2) and ids2 == ids
 
 
-def test_two_process_torchrun_equals_one_process(tiny_run, tmp_path):
-    one = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "one"), batch_size=4, max_steps=3))
+def test_two_process_torchrun_equals_one_process(tiny_run, tmp_path, capsys):
+    """The same adapter, and the same answers to --eval-generate (each rank answers half the questions)."""
+    one = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "one"), batch_size=4, max_steps=3, eval_generate=5,
+                     eval_max_new_tokens=4))
     model, data = tiny_run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            str(ROOT / "train.py"), "--model", str(model), "--data", str(data), "--out", str(tmp_path / "two"),
            "--eval-examples", "8", "--max-steps", "3", "--batch-size", "2", "--seq-len", "64", "--lr", "5e-3",
-           "--warmup-steps", "1", "--dropout", "0", "--dtype", "float32", "--device", "cpu"]
+           "--warmup-steps", "1", "--dropout", "0", "--dtype", "float32", "--device", "cpu", "--eval-generate", "5",
+           "--eval-max-new-tokens", "4"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _adapter(one["out"]), _adapter(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    s1, s2 = (json.loads((p / "summary.json").read_text()) for p in (Path(one["out"]), tmp_path / "two"))
+    for key in ("accuracy_before", "accuracy_after"):
+        assert s2[key]["n"] == 5 and s2[key]["correct"] == s1[key]["correct"]
+    assert r.stdout.count("answers after training: ") == 1   # logged once, by rank 0
+    shown = lambda text: [l for l in text.splitlines() if l.startswith("    answer ")]   # three answers, from both ranks
+    assert len(shown(r.stdout)) == 3 and shown(r.stdout) == shown(capsys.readouterr().out)
 
 
 # -- bad input: one clear error, no run directory -------------------------------------------------------
@@ -528,6 +537,24 @@ def test_eval_generate_scores_answers_before_and_after(tiny_run, tmp_path):
     assert r.returncode == 2 and "--eval-metric 'bleu'" in r.stderr and not (tmp_path / "bad").exists()
 
 
+def test_eval_answers_in_question_order(tiny_run, monkeypatch):
+    """accuracy() batches prompts by length; each answer still belongs to its own question: the same as
+    generating for that question alone."""
+    import train as T
+    from data import load_tokenizer
+    from formats import load_model
+    from generate import generate_batch
+    cfg = T.TrainConfig(model=str(tiny_run[0]), data=str(tiny_run[1]), eval_examples=8, eval_generate=7,
+                        eval_max_new_tokens=5, eval_metric="contains")
+    tok, model = load_tokenizer(tiny_run[0]), load_model(tiny_run[0], torch.float32, device="cpu")
+    items = T.generation_set(cfg, tok)
+    assert len({len(q.prompt_ids) for q in items}) > 2   # lengths differ: the sort reorders them
+    monkeypatch.setattr(T, "GENERATE_BATCH", 3)
+    alone = [tok.decode(generate_batch(model, [q.prompt_ids], 5, tok.stop_ids)[0]) for q in items]
+    assert len(set(alone)) > 2   # answers differ: a mix-up would show
+    assert T.accuracy(model, tok, items, cfg)["answers"] == alone
+
+
 def _choice_data(path, n=48, seed=0):
     """Multiple-choice records in two shapes: the answer repeats the question's first word."""
     import random
@@ -566,8 +593,9 @@ def test_eval_metric_loglik_picks_the_most_likely_choice(tiny_run, tmp_path):
         assert answer == q.choices[one.index(max(one))]
     assert acc["right"] == sum(a == q.reference for a, q in zip(acc["answers"], items))
     out = tmp_path / "run"
-    r = _run(_cli((tiny_run[0], data), out, "--max-steps", "2", "--eval-generate", "6", "--eval-metric", "loglik"))
+    r = _run(_cli((tiny_run[0], data), out, "--max-steps", "2", "--eval-generate", "6"))   # auto: loglik, as there are choices
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "6 held-out questions, scored by loglik" in r.stdout
     s = json.loads((out / "summary.json").read_text())
     assert s["accuracy_after"]["metric"] == "loglik" and s["accuracy_after"]["n"] == 6
     r = _run(_cli(tiny_run, tmp_path / "bad", "--eval-generate", "5", "--eval-metric", "loglik"))
