@@ -431,7 +431,8 @@ def accuracy_plot(plt, runs, res, out):
         gx = max(pts[k][0] for k in group)
         for k, ly in zip(group, spread([pts[k][1] for k in group], gap)):
             ax2.annotate(f"{VARIANTS[k]} {pts[k][1]:.1f}%", pts[k], xytext=(gx + 0.08 * width, ly), fontsize=8,
-                         va="center", arrowprops=dict(arrowstyle="-", lw=0.4, color="grey"))
+                         va="center", arrowprops=dict(arrowstyle="-", lw=0.4, color="grey"),
+                         bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))   # readable over the front
             placed.append(ly)
     ax2.set_ylim(min(ymin, min(placed) - gap), max(ymax, max(placed) + gap))
     ax2.set_xlim(max(0, xs[0] - 0.15 * width), xs[-1] + 0.45 * width)
@@ -450,11 +451,12 @@ def plots(runs, est, big, out, log, res):
         log("matplotlib is not installed: no plots (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for m, r in runs.items():
+    for j, (m, r) in enumerate(runs.items()):
         pts = [(x["step"], x["loss"]) for x in r["metrics"] if "loss" in x]
-        ax.plot(*zip(*pts), label=f"{m} train loss", alpha=0.8)
-        ev = [(x["step"], x["eval_loss"]) for x in r["metrics"] if "eval_loss" in x]
-        ax.plot(*zip(*ev), "o--", label=f"{m} eval loss")
+        ax.plot(*zip(*pts), color=f"C{j}", label=f"{m} train loss", alpha=0.6)
+        # eval points: before and at --eval-every from metrics.jsonl, after training from the summary
+        ev = [(x["step"], x["eval_loss"]) for x in r["metrics"] if "eval_loss" in x] + [(r["steps"], r["eval_loss_after"])]
+        ax.plot(*zip(*ev), "o--" if len(ev) > 2 else "o", color=f"C{j}", lw=2, label=f"{m} eval loss")   # no line from 2 points
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.set_title("Loss: LoRA vs QLoRA")
     fig.tight_layout(), fig.savefig(out / "loss.png", dpi=110), plt.close(fig)
 
@@ -595,7 +597,7 @@ def pct(acc) -> str:
 def reading(x) -> str:
     if x["a_only"] + x["b_only"] == 0:
         return "no difference: the same questions right"
-    return "a real difference (p < 0.05)" if x["p"] < 0.05 else "could be chance at this sample size"
+    return "a real difference" if x["p"] < 0.05 else "could be chance at this sample size"
 
 
 def size(b) -> str:
@@ -616,7 +618,7 @@ def accuracy_section(r) -> list[str]:
         lines.append(f"| {name} | {pct(P[k]['accuracy'])} | {P[k]['eval_loss']:.4f} | {size(P[k]['model_bytes'])} |")
     lines += ["", "![accuracy](accuracy.png)", "",
               "Paired on the same questions (McNemar's exact test on the questions only one of the two gets right):", "",
-              "| first vs second | right only in the first | only in the second | p | reading |", "|---|---|---|---|---|"]
+              "| first vs second | right only in the first | only in the second | p | reading (at 5%) |", "|---|---|---|---|---|"]
     for x in r["paired"].values():
         lines.append(f"| {VARIANTS[x['a']]} vs {VARIANTS[x['b']]} | {x['a_only']} | {x['b_only']} | {x['p']:.3g} | "
                      f"{reading(x)} |")
@@ -624,25 +626,32 @@ def accuracy_section(r) -> list[str]:
 
 
 def accuracy_verdict(r) -> str:
-    """What the accuracy numbers say, in words: QLoRA against LoRA, training against none, the merge paths."""
+    """What the accuracy numbers say, in words: training against none, QLoRA against LoRA, the merge paths."""
     P, pairs = r["paths"], r["paired"]
     if not pairs:
         return "Accuracy was not measured (pass `--eval-generate N`)."
-    q, lo, la = pairs["a_nf4_plus_adapter vs lora_as_trained"], P["lora_as_trained"]["accuracy"], P["a_nf4_plus_adapter"]["accuracy"]
-    n, diff = la["n"], 100 * (la["accuracy"] - lo["accuracy"])
-    half = 50 * max(la["ci95"][1] - la["ci95"][0], lo["ci95"][1] - lo["ci95"][0])
-    t = pairs["lora_as_trained vs base_16bit"]
-    out = (f"On {n} held-out questions the 16-bit base answered {100 * P['base_16bit']['accuracy']['accuracy']:.1f}% right, "
-           f"LoRA {100 * lo['accuracy']:.1f}% and QLoRA {100 * la['accuracy']:.1f}% ({diff:+.1f} points). "
-           f"Trained LoRA against the untrained base: {reading(t)} (p = {t['p']:.2g}). QLoRA alone got {q['a_only']} questions right that "
-           f"LoRA missed and LoRA alone {q['b_only']}: p = {q['p']:.2g}; QLoRA against LoRA: {reading(q)}")
-    if q["p"] >= 0.05 and q["a_only"] + q["b_only"]:
-        out += (f"; at ±{half:.0f} points per interval, a gap of a few points would need several times more questions "
-                "to show (`--eval-generate`, `--eval-examples`)")
-    differ = [VARIANTS[x["a"]] for x in pairs.values() if x["b"] == "a_nf4_plus_adapter" and x["p"] < 0.05]
-    out += (". Merge paths that answer differently from (a) beyond chance: " + ", ".join(differ) + "." if differ else
-            ". No merge path answers differently from (a) beyond chance.")
-    return out
+    acc = lambda k: 100 * P[k]["accuracy"]["accuracy"]
+    q, t = pairs["a_nf4_plus_adapter vs lora_as_trained"], pairs["lora_as_trained vs base_16bit"]
+    lo, la = P["lora_as_trained"]["accuracy"], P["a_nf4_plus_adapter"]["accuracy"]
+    diff = acc("a_nf4_plus_adapter") - acc("lora_as_trained")
+    out = (f"On {lo['n']} held-out questions the 16-bit base answered {acc('base_16bit'):.1f}% right, LoRA "
+           f"{acc('lora_as_trained'):.1f}% and QLoRA {acc('a_nf4_plus_adapter'):.1f}% (training against none: "
+           f"{reading(t)}, p = {t['p']:.2g}). QLoRA alone got {q['a_only']} questions right that LoRA missed, LoRA "
+           f"alone {q['b_only']} (McNemar p = {q['p']:.2g}): ")
+    if q["a_only"] + q["b_only"] == 0:
+        out += "the two answer the same questions right"
+    elif q["p"] < 0.05:
+        out += (f"QLoRA is {abs(diff):.1f} points {'behind' if diff < 0 else 'ahead of'} LoRA, more than chance "
+                "explains at this sample size" + (": here 4-bit did cost accuracy" if diff < 0 else ""))
+    else:
+        half = 50 * max(la["ci95"][1] - la["ci95"][0], lo["ci95"][1] - lo["ci95"][0])
+        out += (f"the {diff:+.1f} points could be chance at this sample size; at ±{half:.0f} points per interval, "
+                "a gap of a few points would need several times more questions to show (`--eval-generate`, "
+                "`--eval-examples`)")
+    differ = [f"{VARIANTS[x['a']]} {acc(x['a']) - acc('a_nf4_plus_adapter'):+.1f} points" for x in pairs.values()
+              if x["b"] == "a_nf4_plus_adapter" and x["p"] < 0.05]
+    return out + (". Merge paths that answer differently from (a) beyond chance: " + ", ".join(differ) + "." if differ
+                  else ". No merge path answers differently from (a) beyond chance.")
 
 
 if __name__ == "__main__":
