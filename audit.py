@@ -2,7 +2,7 @@
 The audit: what LoRA and QLoRA really cost on your model and data, side by side, measured.
 
     python audit.py                                   # default model, generated task: ~25 min on a 2-core CPU (fp32)
-    python audit.py --data default --max-steps 60     # AlpacaEval instead (loss and KL only: its answers are open)
+    python audit.py --data default --max-steps 50     # AlpacaEval instead (loss and KL only: its answers are open)
     python audit.py --model path/to/hf_folder --data my.jsonl --eval-generate 200 --eval-metric numeric --out audit_mine
     python audit.py --estimate-only --preset Llama-2-7B --seq-len 512 --batch-size 1 --grad-checkpoint
 

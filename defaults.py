@@ -74,7 +74,7 @@ def default_data_path() -> Path:
 
 # ----------------------------------------------------------------------------------------------
 # The audit's default task: questions whose answers can be checked. SmolLM2-135M-Instruct gets none of
-# them right before training (it explains instead of answering, or gets it wrong) and about 60% after
+# them right before training (it explains instead of answering, or gets it wrong) and 55% after
 # 100 LoRA steps on this machine, with families from easy (reversing three words) to hard (counting,
 # two-digit differences): room for LoRA and QLoRA to differ.
 
