@@ -8,6 +8,18 @@ B = 0 makes the wrapped model start exactly where the base is. We never form B @
 thin matmuls cost r * (in + out) per token instead of in * out. Adapters are saved and loaded in
 peft's file format, so they travel to peft and vLLM and back.
 
+DoRA (Liu et al. 2024, arXiv:2402.09353; use_dora=True) splits each output row of the adapted weight
+into a learned length m and a direction:
+
+    y = m / ||W + s B A||_row * (W x + s B A x) + bias      m starts at ||W||_row: the base, exactly
+
+The norm is a constant in backward (the paper's section 4.3, and peft), so nothing of W's size is kept
+for it: it is computed from one dense copy of this layer's weight (dequantized, for NF4: QDoRA) that
+is freed at once, and cached until A, B or m change.
+
+LoftQ (Li et al. 2023, arXiv:2310.08659; loftq_init) starts A and B from a rank-r SVD of the NF4
+error instead, so that NF4(W') + s B A is closer to W than NF4(W) is.
+
     from lora import apply_lora, merge_lora, save_adapter, load_adapter
     info = apply_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)
     save_adapter(model, "runs/x")        # adapter_config.json + adapter_model.safetensors
@@ -21,17 +33,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from nf4 import NF4Linear
+from nf4 import NF4Linear, dequantize_nf4
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 use_dora: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {r}")
-        self.base, self.r, self.alpha, self.use_rslora = base, r, alpha, use_rslora
+        self.base, self.r, self.alpha, self.use_rslora, self.use_dora = base, r, alpha, use_rslora, use_dora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = base.packed.device if isinstance(base, NF4Linear) else base.weight.device
@@ -45,6 +58,30 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
+        self._norm_cache = None
+        # DoRA's magnitude (peft's name and place: `<layer>.lora_magnitude_vector`), fp32 like A and B
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm()) if use_dora else None
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W + s B A|| of each output row, in fp32 (out,). One dense fp32 copy of this layer's weight
+        exists while it runs; the result is kept until A, B or the magnitude change (their versions)."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        m = getattr(self, "lora_magnitude_vector", None)
+        key = (A._version, B._version, None if m is None else m._version, id(self.base))
+        if self._norm_cache is not None and self._norm_cache[0] == key and not A.is_meta:
+            return self._norm_cache[1]
+        w = self.dense_base(torch.float32)
+        w.addmm_(B.float(), A.float(), alpha=self.scaling)
+        norm = torch.linalg.vector_norm(w, dim=1)
+        self._norm_cache = (key, norm)
+        return norm
+
+    def dense_base(self, dtype=torch.float32) -> torch.Tensor:
+        """A fresh dense copy of the base weight (out, in): dequantized for NF4, never the stored tensor."""
+        if isinstance(self.base, NF4Linear):
+            return dequantize_nf4(self.base.state(), dtype)
+        return self.base.weight.detach().to(dtype, copy=True)
 
     @property
     def in_features(self):
@@ -59,14 +96,35 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-        return _LoRAAdd.apply(y, x, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
+        if not self.use_dora:
+            return _LoRAAdd.apply(y, x, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
+        # DoRA: rescale W x + s B A x row by row. Unlike peft, dropout touches only the adapter's input
+        # (as in LoRA): peft runs the base a second time on the dropped-out x, a full extra matmul per
+        # layer in training. Without dropout (eval, inference, merging) the two are the same function.
+        # Autograd keeps the (tokens, out) product for m's gradient: DoRA's extra activation memory.
+        bias = self.base.bias
+        if bias is not None:
+            y = y - bias
+        y = _LoRAAdd.apply(y, x, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
+        y = y * (self.lora_magnitude_vector / self.weight_norm()).to(y.dtype)
+        return y + bias if bias is not None else y
 
     def delta(self) -> torch.Tensor:
         """The dense update s * B @ A (out, in), in fp32; only merging needs it."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def merged_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The dense weight of this layer once merged, from a base weight w (out, in), in fp32:
+        W + s B A, and for DoRA each row rescaled by m / ||W + s B A|| (computed from this w, as peft)."""
+        w = w.float() + self.delta()
+        if self.use_dora:
+            self._row_scale = self.lora_magnitude_vector.detach().float() / torch.linalg.vector_norm(w, dim=1)
+            w.mul_(self._row_scale[:, None])
+        return w
+
+    @torch.no_grad()
     def merge(self, on_nf4: str | None = None):
-        """W <- W + s B A, in place. Idempotent; unmerge() reverses it.
+        """W <- W + s B A (DoRA: rescaled per row), in place. Idempotent; unmerge() reverses it.
 
         On an NF4 base the sum cannot be stored in 4 bits without requantizing, which can erase a
         small update. So we refuse unless asked: on_nf4="dequantize" keeps the merged weight in the
@@ -79,7 +137,7 @@ class LoRALinear(nn.Module):
                                  "16-bit and merge there (python merge.py --model BASE --adapter RUN --out DIR), or "
                                  "pass on_nf4='dequantize' / 'requantize' to merge into the dequantized weights")
             q = self.base
-            w = q.dequantize().float() + self.delta()
+            w = self.merged_weight(self.dense_base())
             if on_nf4 == "requantize":
                 self.base = NF4Linear.from_weight(w, q.bias, q.compute_dtype, q.block_size, q.double_quant)
             else:
@@ -92,7 +150,7 @@ class LoRALinear(nn.Module):
         else:
             with torch.no_grad():   # add in fp32, round once to the weight's dtype
                 w = self.base.weight
-                w.copy_((w.float() + self.delta()).to(w.dtype))
+                w.copy_(self.merged_weight(w).to(w.dtype))
         self.merged = True
 
     def unmerge(self):
@@ -101,11 +159,13 @@ class LoRALinear(nn.Module):
         if not isinstance(self.base, nn.Linear):
             raise ValueError("cannot unmerge from a requantized NF4 weight; reload the base")
         with torch.no_grad():
-            self.base.weight.sub_(self.delta().to(self.base.weight.dtype))
+            w = self.base.weight
+            w.copy_((w.float() / self._row_scale[:, None] if self.use_dora else w.float()).sub_(self.delta()).to(w.dtype))
         self.merged = False
 
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{', dora' if self.use_dora else ''}, "
+                f"merged={self.merged}")
 
 
 def _dropout_mask(x, p: float, seed: int):
@@ -171,8 +231,9 @@ def _matches(name: str, targets) -> bool:
 
 
 def apply_lora(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-               use_rslora: bool = False) -> dict:
-    """Wrap every linear whose name matches `targets` in a LoRALinear; freeze all but lora_ tensors."""
+               use_rslora: bool = False, use_dora: bool = False) -> dict:
+    """Wrap every linear whose name matches `targets` in a LoRALinear (DoRA with use_dora); freeze all
+    but lora_ tensors."""
     names = [n for n in linear_names(model) if _matches(n, targets) and not n.startswith("lm_head")]
     if not names:
         raise ValueError(f"LoRA targets {targets!r} match no linear layer; this model has: "
@@ -180,14 +241,14 @@ def apply_lora(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout
     for n in names:
         parent, _, attr = n.rpartition(".")
         mod = model.get_submodule(parent)
-        setattr(mod, attr, LoRALinear(getattr(mod, attr), r, alpha, dropout, use_rslora))
+        setattr(mod, attr, LoRALinear(getattr(mod, attr), r, alpha, dropout, use_rslora, use_dora))
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters()) + sum(
         m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
     model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets) if not isinstance(targets, str)
-                             else targets, use_rslora=use_rslora)
+                             else targets, use_rslora=use_rslora, use_dora=use_dora)
     return dict(wrapped=names, trainable=trainable, total=total)
 
 
@@ -223,7 +284,8 @@ def adapter_config(model: nn.Module, base_name: str = "") -> dict:
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c["r"], "lora_alpha": c["alpha"],
             "lora_dropout": c["dropout"], "target_modules": c["targets"], "bias": "none",
             "base_model_name_or_path": base_name, "use_rslora": c["use_rslora"], "fan_in_fan_out": False,
-            "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_dora": False,
+            "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+            "use_dora": c.get("use_dora", False),
             "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
 
 
@@ -257,6 +319,8 @@ def save_adapter(model: nn.Module, out, base_name: str = ""):
     for name, m in lora_layers(model).items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().cpu()
+        if m.use_dora:
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().float().cpu()
     tmp_st, tmp_cfg = out / "adapter_model.safetensors.tmp", out / "adapter_config.json.tmp"
     try:
         save_file(tensors, str(tmp_st), metadata={"format": "pt", "base_fingerprint": base_fingerprint(model)})
@@ -284,8 +348,8 @@ def read_adapter(path) -> tuple[dict, dict, dict]:
         raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{cfg_file}: peft_type {cfg['peft_type']!r} is not LORA")
-    if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("fan_in_fan_out"):
-        raise ValueError(f"{cfg_file}: DoRA, per-layer rank/alpha patterns and fan_in_fan_out are not supported")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("fan_in_fan_out"):
+        raise ValueError(f"{cfg_file}: per-layer rank/alpha patterns and fan_in_fan_out are not supported")
     try:
         with safe_open(str(st_file), "pt") as f:
             meta = f.metadata() or {}
@@ -300,10 +364,15 @@ def load_adapter(model: nn.Module, path, force: bool = False) -> dict:
     when the file records one, that the base is the one it was trained on (force=True skips that)."""
     cfg, tensors, meta = read_adapter(path)
     where = str(Path(path) / "adapter_model.safetensors")
+    dora = bool(cfg.get("use_dora"))
     if not lora_layers(model):
-        apply_lora(model, cfg["target_modules"], cfg["r"], cfg["lora_alpha"], 0.0, cfg.get("use_rslora", False))
+        apply_lora(model, cfg["target_modules"], cfg["r"], cfg["lora_alpha"], 0.0, cfg.get("use_rslora", False), dora)
     layers = lora_layers(model)
+    if any(m.use_dora != dora for m in layers.values()):
+        raise ValueError(f"{where}: a {'DoRA' if dora else 'LoRA'} adapter (use_dora: {str(dora).lower()}), but the "
+                         f"model's adapters are {'LoRA' if dora else 'DoRA'}")
     expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+    expected |= {f"{PEFT_PREFIX}{n}.lora_magnitude_vector" for n in layers} if dora else set()
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if unexpected:
         raise ValueError(f"{where}: adapter tensors for layers this model does not have, e.g. {unexpected[:3]}")
@@ -317,11 +386,17 @@ def load_adapter(model: nn.Module, path, force: bool = False) -> dict:
             raise ValueError(f"{where}: {n}: adapter shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit the "
                              f"model's A{tuple(m.lora_A.weight.shape)} B{tuple(m.lora_B.weight.shape)} "
                              "(an adapter for another base model?)")
+        mag = tensors.get(f"{PEFT_PREFIX}{n}.lora_magnitude_vector")
+        if mag is not None and tuple(mag.shape) != (m.out_features,):
+            raise ValueError(f"{where}: {n}: DoRA magnitude of shape {tuple(mag.shape)}, the layer has "
+                             f"{m.out_features} outputs")
     check_base(model, meta.get("base_fingerprint"), where, cfg.get("base_model_name_or_path"), force)
     with torch.no_grad():
         for n, m in layers.items():
             m.lora_A.weight.copy_(tensors[f"{PEFT_PREFIX}{n}.lora_A.weight"])
             m.lora_B.weight.copy_(tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"])
+            if dora:
+                m.lora_magnitude_vector.copy_(tensors[f"{PEFT_PREFIX}{n}.lora_magnitude_vector"])
     return cfg
 
 
