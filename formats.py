@@ -27,7 +27,7 @@ import torch.nn as nn
 from allocator import release_freed_memory
 from defaults import cache_dir, default_gguf
 from model import Llama, ModelArgs, precompute_rope
-from nf4 import DYNAMIC_SIGNED, NF4_LEVELS, NF4Linear
+from nf4 import DYNAMIC_SIGNED, NF4_LEVELS, NF4Linear, quantize_nf4
 
 # ----------------------------------------------------------------------------------------------
 # safetensors
@@ -649,10 +649,12 @@ class _Placer:
             raise ValueError(f"{self.where}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                              f"the config implies {tuple(want)}")
         self.seen.add(name)
-        if self.quantize == "nf4" and pname == "weight" and _is_quantizable(name):
+        if self.quantize and pname == "weight" and _is_quantizable(name):
             # The one place where a linear becomes 4-bit as it arrives: the 16-bit model never exists whole.
             parent, _, attr = mod_name.rpartition(".")
-            q = NF4Linear.from_weight(tensor.to(self.device), bias=None, compute_dtype=self.dtype)
+            w = tensor.to(self.device)
+            state = quantize_nf4(w) if self.quantize == "nf4" else self.quantize(name, w)
+            q = NF4Linear(state, bias=None, compute_dtype=self.dtype)
             if mod.bias is not None:
                 q.bias = mod.bias   # still meta; filled when its own tensor arrives
             setattr(self.model.get_submodule(parent), attr, q)
@@ -686,8 +688,9 @@ def build_empty(args: ModelArgs) -> Llama:
 
 def load_model(source, dtype=None, quantize=None, device=None) -> Llama:
     """Load an HF folder, a .gguf file or "default", streaming tensor by tensor (see _Placer).
-    dtype None = bf16 on a GPU that has it, fp32 on CPU; quantize "nf4" = the block linears in NF4."""
-    if quantize not in (None, "nf4"):
+    dtype None = bf16 on a GPU that has it, fp32 on CPU; quantize "nf4" = the block linears in NF4, or
+    a function (name, 16-bit weight) -> NF4 state that quantizes them its own way (LoftQ)."""
+    if quantize not in (None, "nf4") and not callable(quantize):
         raise ValueError(f"quantize={quantize!r}: only None or 'nf4'")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _target_dtype(dtype, device)

@@ -33,9 +33,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from nf4 import NF4Linear, dequantize_nf4
+from nf4 import NF4Linear, dequantize_nf4, quantize_nf4
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class LoRALinear(nn.Module):
@@ -45,7 +49,7 @@ class LoRALinear(nn.Module):
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {r}")
         self.base, self.r, self.alpha, self.use_rslora, self.use_dora = base, r, alpha, use_rslora, use_dora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = base.packed.device if isinstance(base, NF4Linear) else base.weight.device
         # The adapters are fp32 master weights whatever the base's dtype: they are tiny (r * (in + out)),
@@ -274,6 +278,116 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
+# LoftQ: start the adapter where it undoes part of the NF4 error
+
+@torch.no_grad()
+def loftq(weight: torch.Tensor, r: int, scaling: float, iters: int = 1) -> tuple[dict, torch.Tensor, torch.Tensor, list]:
+    """LoftQ's alternating minimisation (Li et al. 2023, algorithm 1) for one weight W (out, in):
+
+        Q_t = NF4(W - s B_{t-1} A_{t-1})        (B_0 A_0 = 0: Q_1 is plain NF4 of W)
+        s B_t A_t = best rank-r approximation of W - Q_t   (truncated SVD, split as sqrt of S each side)
+
+    Returns (the NF4 state of Q_iters, A, B, errors): errors[0] = ||W - NF4(W)|| / ||W||, plain NF4's,
+    then ||W - Q_t - s B_t A_t|| / ||W|| for t = 1 .. iters. Q_1 is
+    QLoRA's own base, so with iters=1 only the adapter's start differs from QLoRA. Unlike peft's
+    loftq_init (A = R, B = L whatever alpha / r is), A and B are divided by sqrt(s), so the model
+    starts at Q + L R for any alpha."""
+    w = weight.float()
+    target, errors = w, []
+    for t in range(iters):
+        state = quantize_nf4(target)
+        residual = w - dequantize_nf4(state, torch.float32)
+        if t == 0:
+            errors.append((residual.norm() / w.norm()).item())
+        U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+        root = S[:r].sqrt()
+        L, R = U[:, :r] * root, root[:, None] * Vh[:r]
+        errors.append(((residual - L @ R).norm() / w.norm()).item())
+        if t + 1 < iters:
+            target = w - L @ R
+    return state, R / math.sqrt(scaling), L / math.sqrt(scaling), errors
+
+
+def loftq_quantizer(targets, r: int, scaling: float, iters: int, found: dict):
+    """For load_model(quantize=...): a function (name, weight) -> NF4 state that runs LoftQ on the
+    linears LoRA will adapt (plain NF4 elsewhere) and leaves each one's (A, B, errors) in `found`,
+    so the 16-bit weight of one layer at a time is needed, as it streams in."""
+    def quantize(name: str, weight: torch.Tensor) -> dict:
+        layer = name.removesuffix(".weight")
+        if not _matches(layer, targets):
+            return quantize_nf4(weight)
+        state, A, B, errors = loftq(weight, r, scaling, iters)
+        found[layer] = (A, B, errors)
+        return state
+    return quantize
+
+
+def apply_loftq(model: nn.Module, found: dict, iters: int):
+    """Put loftq_quantizer's A and B into the model's LoRA layers (after apply_lora); DoRA's magnitude
+    is then restarted at ||Q + s B A||, so the model still starts exactly at Q + s B A."""
+    layers = lora_layers(model)
+    if set(layers) != set(found):
+        raise ValueError(f"LoftQ ran on {len(found)} layers but LoRA adapts {len(layers)}")
+    model.lora_config["loftq_iters"] = iters
+    with torch.no_grad():
+        for name, m in layers.items():
+            A, B, _ = found[name]
+            m.lora_A.weight.copy_(A)
+            m.lora_B.weight.copy_(B)
+            if m.use_dora:
+                m.lora_magnitude_vector.copy_(m.weight_norm())
+
+
+LOFTQ_BASE = "loftq_base.safetensors"
+
+
+def save_loftq_base(model: nn.Module, out):
+    """The NF4 codes of the adapted layers, which LoftQ with more than one iteration changes: the
+    adapter is only right over this base. Written once per run (the base is frozen), atomically."""
+    from safetensors.torch import save_file
+    tensors = {}
+    for name, m in lora_layers(model).items():
+        for key, t in m.base.state().items():
+            if isinstance(t, torch.Tensor):
+                tensors[f"{name}.{key}"] = t.detach().reshape(-1).contiguous().cpu()
+    tmp = Path(out) / (LOFTQ_BASE + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, Path(out) / LOFTQ_BASE)
+
+
+def use_loftq_base(model: nn.Module, path, iters: int):
+    """Make each adapted layer's base the one its LoftQ adapter was trained over: Q = NF4(W) for one
+    iteration (recomputed: NF4 is deterministic), else the codes saved in the run. On a 16-bit base
+    (merge.py, the audit's merge paths) the layer gets Q dequantized: merging into W itself would add
+    the NF4 error twice, once in W and once in the adapter that was started to undo it."""
+    from safetensors import safe_open
+    file = Path(path) / LOFTQ_BASE
+    if iters > 1 and not file.is_file():
+        raise FileNotFoundError(f"{file}: missing; a LoftQ adapter of {iters} iterations is trained over the NF4 "
+                                "base saved beside it (copy the whole run folder)")
+    saved = safe_open(str(file), "pt") if iters > 1 else None
+    for name, m in lora_layers(model).items():
+        nf4 = isinstance(m.base, NF4Linear)
+        if m.lora_A.weight.is_meta or (nf4 and saved is None):
+            continue   # no weights (shape checks), or NF4(W) already
+        device = m.lora_A.weight.device
+        if saved is None:
+            state = quantize_nf4(m.base.weight.detach())
+        else:
+            state = dict(shape=(m.out_features, m.in_features), block_size=64,
+                         dtype=m.base.orig_dtype if nf4 else m.base.weight.dtype,
+                         **{k: saved.get_tensor(f"{name}.{k}").to(device)
+                            for k in ("packed", "absmax", "nested_absmax", "offset")})
+            state["offset"] = state["offset"].reshape(())
+        if nf4:
+            m.base = NF4Linear(state, m.base.bias, m.base.compute_dtype)
+        else:
+            with torch.no_grad():
+                m.base.weight.copy_(dequantize_nf4(state, torch.float32))
+        m._norm_cache = None
+
+
+# ----------------------------------------------------------------------------------------------
 # peft's file format
 
 PEFT_PREFIX = "base_model.model."
@@ -323,7 +437,10 @@ def save_adapter(model: nn.Module, out, base_name: str = ""):
             tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().float().cpu()
     tmp_st, tmp_cfg = out / "adapter_model.safetensors.tmp", out / "adapter_config.json.tmp"
     try:
-        save_file(tensors, str(tmp_st), metadata={"format": "pt", "base_fingerprint": base_fingerprint(model)})
+        meta = {"format": "pt", "base_fingerprint": base_fingerprint(model)}
+        if model.lora_config.get("loftq_iters"):   # peft ignores it: over a bitsandbytes NF4 base, 1 iteration is right
+            meta["loftq_iters"] = str(model.lora_config["loftq_iters"])
+        save_file(tensors, str(tmp_st), metadata=meta)
         tmp_cfg.write_text(json.dumps(adapter_config(model, base_name), indent=2))
     except BaseException:
         tmp_st.unlink(missing_ok=True)
@@ -397,6 +514,10 @@ def load_adapter(model: nn.Module, path, force: bool = False) -> dict:
             m.lora_B.weight.copy_(tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"])
             if dora:
                 m.lora_magnitude_vector.copy_(tensors[f"{PEFT_PREFIX}{n}.lora_magnitude_vector"])
+    if meta.get("loftq_iters"):
+        cfg["loftq_iters"] = int(meta["loftq_iters"])
+        use_loftq_base(model, path, cfg["loftq_iters"])
+        model.lora_config["loftq_iters"] = cfg["loftq_iters"]
     return cfg
 
 

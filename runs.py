@@ -41,7 +41,9 @@ class SaveFailed(RuntimeError):
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "pure-qlora training checkpoint, version 1"
 # What must not change between a run and its --resume: the data order, the adapter's shape, the batch.
-RESUME_KEYS = ("model", "data", "rank", "targets", "qlora", "seq_len", "batch_size", "grad_accum", "seed")
+RESUME_KEYS = ("model", "data", "rank", "targets", "qlora", "seq_len", "batch_size", "grad_accum", "seed", "dora",
+               "init", "loftq_iters")
+OLDER_RUNS = dict(dora=False, init="kaiming", loftq_iters=1)   # what checkpoints from before these flags ran
 
 
 @dataclass
@@ -165,7 +167,7 @@ def resume(run: Run, model, opt) -> int:
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"its format is {meta.get('format')!r}, not {CHECKPOINT_FORMAT!r}")
         for k in RESUME_KEYS:
-            if meta["config"][k] != getattr(cfg, k):
+            if meta["config"].get(k, OLDER_RUNS.get(k)) != getattr(cfg, k):
                 raise ValueError(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} differs from the run's "
                                  f"{meta['config'][k]!r}")
         if meta["world"] != run.world:

@@ -43,7 +43,7 @@ from data import (IGNORE, check_eos, collate, collate_packed, encode_chat, encod
                   load_tokenizer, pack, prompt_format, show_example)
 from formats import gpu_dtype, load_model
 from generate import generate_batch
-from lora import apply_lora, lora_layers
+from lora import apply_loftq, apply_lora, lora_layers, lora_scaling, loftq_quantizer, save_loftq_base, use_loftq_base
 from nf4 import NF4Linear, place_tables
 from optim import AdamW8bit
 from runs import Diverged, Metrics, Run, SaveFailed, StopSignals, atomic_write, check_out_dir, last_good, resume, save
@@ -61,6 +61,9 @@ class TrainConfig:
     dropout: float = 0.05           # dropout on the LoRA input
     targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # linears to adapt
     rslora: bool = False            # scale alpha / sqrt(r) instead of alpha / r
+    dora: bool = False              # DoRA: also learn a length per output row of each adapted weight (QDoRA with --qlora); peft's use_dora
+    init: str = "kaiming"           # adapter start: kaiming (A random, B zero: the model starts at the base) | loftq (with --qlora: A, B from an SVD of the NF4 error, so the model starts nearer the 16-bit one)
+    loftq_iters: int = 1            # --init loftq: alternations of NF4 and SVD (1 keeps QLoRA's base; more change the NF4 codes, saved in the run as loftq_base.safetensors)
     optim: str = ""                 # adamw | adamw8bit | paged_adamw8bit (default: paged_adamw8bit with --qlora, else adamw)
     lr: float = 5e-4                # peak learning rate
     warmup_steps: int = 5           # linear warmup, then cosine decay to lr * min_lr_ratio
@@ -122,6 +125,12 @@ def start(cfg: TrainConfig) -> Run:
     cfg.optim = cfg.optim or ("paged_adamw8bit" if cfg.qlora else "adamw")
     if cfg.optim not in ("adamw", "adamw8bit", "paged_adamw8bit"):
         raise ValueError(f"--optim {cfg.optim!r}: choose adamw, adamw8bit or paged_adamw8bit")
+    if cfg.init not in ("kaiming", "loftq"):
+        raise ValueError(f"--init {cfg.init!r}: choose kaiming or loftq")
+    if cfg.init == "loftq" and not cfg.qlora:
+        raise ValueError("--init loftq starts the adapter by undoing the NF4 error of the base: it needs --qlora")
+    if cfg.loftq_iters < 1:
+        raise ValueError(f"--loftq-iters {cfg.loftq_iters}: at least 1")
     if not 0 < cfg.cpu_mmap_kb <= 32 << 10:
         raise ValueError(f"--cpu-mmap-kb {cfg.cpu_mmap_kb}: choose 1 to 32768 (glibc's largest mmap threshold is 32 MB)")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -305,11 +314,28 @@ def build_model(run: Run):
     """Load the base (NF4 as it streams in, for QLoRA), wrap the targets in LoRA, make the optimizer."""
     cfg = run.cfg
     torch.manual_seed(cfg.seed)   # the adapters' initialisation: the same on every rank
-    model = load_model(cfg.model, run.dtype, quantize="nf4" if cfg.qlora else None, device=run.device)
+    targets = cfg.targets.split(",")
+    loftq, found = cfg.init == "loftq" and not cfg.resume, {}   # a resumed run has its A and B in the checkpoint
+    quantize = "nf4" if cfg.qlora else None
+    if loftq:
+        quantize = loftq_quantizer(targets, cfg.rank, lora_scaling(cfg.rank, cfg.alpha, cfg.rslora), cfg.loftq_iters,
+                                   found)
+    t0 = time.perf_counter()
+    model = load_model(cfg.model, run.dtype, quantize=quantize, device=run.device)
     load_peak = peak_memory(run.device)   # quantizing as weights stream in has a peak of its own
     if cfg.seq_len > model.args.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} is above the model's limit of {model.args.max_seq_len} tokens")
-    info = apply_lora(model, cfg.targets.split(","), cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
+    info = apply_lora(model, targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora)
+    if loftq:
+        apply_loftq(model, found, cfg.loftq_iters)
+        errors = [e for _, _, e in found.values()]
+        mean = lambda i: sum(e[i] for e in errors) / len(errors)
+        run.log(f"LoftQ ({cfg.loftq_iters} iteration{'s' if cfg.loftq_iters > 1 else ''}) on {len(found)} layers, "
+                f"{time.perf_counter() - t0:.0f} s with loading: ||W - (Q + sBA)|| / ||W||, mean over layers, "
+                f"{mean(-1):.4f} (NF4 alone: {mean(0):.4f})")
+    elif cfg.init == "loftq":
+        model.lora_config["loftq_iters"] = cfg.loftq_iters
+        use_loftq_base(model, run.out, cfg.loftq_iters)   # the base the checkpoint's adapter was trained over
     if run.rank:   # rank 0 keeps the seed's stream (one process gives the same run with or without torchrun);
         torch.manual_seed(cfg.seed + 1_000_003 * run.rank)   # the others draw their own dropout masks
     model.grad_checkpoint = cfg.grad_checkpoint
@@ -323,7 +349,8 @@ def build_model(run: Run):
     else:
         opt = AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay, paged=cfg.optim.startswith("paged"))
     run.log(f"model: {cfg.model} in {str(run.dtype).replace('torch.', '')} on {run.device}, "
-            f"{'QLoRA (NF4 base)' if cfg.qlora else 'LoRA'}; {len(info['wrapped'])} layers adapted, "
+            f"{'Q' if cfg.qlora else ''}{'DoRA' if cfg.dora else 'LoRA'}{' (NF4 base)' if cfg.qlora else ''}"
+            f"{'; LoftQ init' if cfg.init == 'loftq' else ''}; {len(info['wrapped'])} layers adapted, "
             f"{info['trainable']:,} trainable of {info['total']:,} parameters; optimizer {cfg.optim}; "
             f"peak mem while loading {load_peak / 2**30:.2f} GB" + ("; blocks compiled" if cfg.compile else "")
             + (f"; allocator {allocator.name()}" if run.device.type == "cpu" else ""))
@@ -520,6 +547,8 @@ def train(cfg: TrainConfig) -> dict:
     if run.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
         atomic_write(run.out / "train_config.json", json.dumps(asdict(cfg), indent=2))
+        if cfg.init == "loftq" and cfg.loftq_iters > 1 and step == 0:
+            save_loftq_base(model, run.out)   # the adapter is right over these NF4 codes only
     metrics, stop = Metrics(run, step), StopSignals()
     try:
         eval_before = None
