@@ -91,7 +91,7 @@ def nf4_bytes(n: int, block=64) -> int:
 
 
 def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8, b: int = 2,
-                                packed: bool = False) -> int:
+                                packed: bool = False, dora: bool = False) -> int:
     """Bytes that autograd keeps per token in one block until backward, as model.py and lora.py save
     them (b = bytes per value of the compute dtype). tests/test_audit.py checks this against the
     tensors autograd really saves, in fp32 and bf16, with and without dropout, over 16-bit and NF4 bases."""
@@ -108,13 +108,16 @@ def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8
     inputs = a.dim * (any(n in t for n in ("q_proj", "k_proj", "v_proj")) + any(n in t for n in ("gate_proj", "up_proj")))
     inputs += q * ("o_proj" in t and packed) + inter * ("down_proj" in t)
     lora = len(t) * rank * b                     # each adapter's (tokens, r) product (its dropout mask is redrawn)
+    if dora:                                     # W x + s B A x before its row scale, for the magnitude's gradient
+        lora += sum(shapes[n][1] for n in t) * b
     return norms + attn + mlp + inputs * b + lora
 
 
 def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8, targets=ALL_TARGETS,
                     grad_checkpoint: bool = False, dtype_bytes: int = 2, paged_device: bool = False,
-                    tokens: int | None = None, packed: bool = False) -> dict:
-    """Predicted peak bytes by kind for LoRA ('lora') or QLoRA ('qlora') training.
+                    tokens: int | None = None, packed: bool = False, dora: bool = False) -> dict:
+    """Predicted peak bytes by kind for LoRA ('lora') or QLoRA ('qlora') training (DoRA: dora=True;
+    LoftQ trains exactly as QLoRA does).
 
     Weights, adapters, gradients and optimizer states are counted exactly as this code stores them.
     Activations are what our backward keeps (saved_bytes_per_token_layer, or each block's input with
@@ -137,6 +140,8 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
         base = (lin + other) * b
     tensors = [(rank, i) for n, (i, o) in shapes.items() if n in targets] + \
               [(o, rank) for n, (i, o) in shapes.items() if n in targets]
+    if dora:   # a magnitude per output row
+        tensors += [(o, 1) for n, (i, o) in shapes.items() if n in targets]
     lora_params = sum(r * c for r, c in tensors) * a.n_layers
     adapters = grads = 4 * lora_params       # fp32 master weights and their gradients
     if mode == "qlora":                      # 8-bit states; fp32 under 4096 elements
@@ -146,10 +151,12 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
     else:
         opt = 8 * lora_params + 4 * len(tensors) * a.n_layers   # AdamW: exp_avg, exp_avg_sq and a step tensor
     tokens = tokens or batch * seq
-    layer = saved_bytes_per_token_layer(a, targets, rank, b, packed)
-    act = tokens * a.n_layers * (a.dim * b if grad_checkpoint else layer)
+    layer = saved_bytes_per_token_layer(a, targets, rank, b, packed, dora)
+    # DoRA also keeps, per adapted layer and whatever the tokens, its row norm (fp32) and row scale
+    fixed = sum(o for n, (i, o) in shapes.items() if n in targets) * (4 + b) if dora else 0
+    act = tokens * a.n_layers * (a.dim * b if grad_checkpoint else layer) + (0 if grad_checkpoint else a.n_layers * fixed)
     if grad_checkpoint:   # one block's activations exist again while it is recomputed for backward
-        act += tokens * layer
+        act += tokens * layer + fixed
     # Once per token: RoPE's cos and sin, the loss's dL/dh and the int64 positions it gathers (one per
     # target token; every token is counted as one, a small overestimate). (The final norm keeps
     # its input as every block's norms do, and the first block's attention norm keeps nothing: the
@@ -158,7 +165,9 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
     act += tokens * (2 * a.head_dim * b + a.dim * b + 8)
     chunk = min(tokens, LMHeadLoss.CHUNK)
     lm_head = chunk * a.vocab_size * (4 + (b if b != 4 else 0))   # one chunk's fp32 logits (+ the matmul's output)
-    block = tokens * 4 * a.intermediate_size * b + (max(i * o for i, o in shapes.values()) * b if mode == "qlora" else 0)
+    # a dequantized NF4 weight in a block's backward; DoRA's row norm needs a dense fp32 copy (in forward)
+    widest = max(i * o for i, o in shapes.values())
+    block = tokens * 4 * a.intermediate_size * b + max(widest * b if mode == "qlora" else 0, widest * 4 if dora else 0)
     out = dict(base_weights=int(base), adapters=int(adapters), gradients=int(grads), optimizer_states=int(opt),
                activations=int(act), transient=int(max(lm_head, block)))
     out["total"] = sum(out.values())

@@ -12,17 +12,17 @@ from optim import AdamW8bit
 from train import loss_sum, memory_breakdown, to_batch
 
 
-@pytest.mark.parametrize("mode", ["lora", "qlora"])
-def test_estimator_exact_for_weights_adapters_grads_optimizer(tiny_run, mode):
+@pytest.mark.parametrize("mode,dora", [("lora", False), ("qlora", False), ("lora", True), ("qlora", True)])
+def test_estimator_exact_for_weights_adapters_grads_optimizer(tiny_run, mode, dora):
     model = load_model(tiny_run[0], torch.float32, quantize="nf4" if mode == "qlora" else None, device="cpu")
     targets = ["q_proj", "v_proj", "down_proj"]
-    apply_lora(model, targets, r=4, alpha=8)
+    apply_lora(model, targets, r=4, alpha=8, use_dora=dora)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = AdamW8bit(params, min_8bit_size=256) if mode == "qlora" else torch.optim.AdamW(params)
     model(torch.randint(0, 300, (1, 8))).sum().backward()
     opt.step()
     real = memory_breakdown(model, opt)
-    est = estimate_memory(model.args, mode, 1, 8, rank=4, targets=targets, dtype_bytes=4)
+    est = estimate_memory(model.args, mode, 1, 8, rank=4, targets=targets, dtype_bytes=4, dora=dora)
     if mode == "qlora":   # the tiny adapters are under 4096 elements: the estimator's rule, with the test's threshold
         est["optimizer_states"] = sum(
             8 * p.numel() if p.numel() < 256 else 2 * p.numel() + 8 * -(-p.numel() // 256) for p in params)
@@ -46,7 +46,7 @@ def test_estimator_qlora_optimizer_rule():
     assert est["optimizer_states"] == opt.state_bytes()
 
 
-def _saved_activation_bytes(args, dtype, targets, dropout, nf4=False, packed=True, compile=False):
+def _saved_activation_bytes(args, dtype, targets, dropout, nf4=False, packed=True, compile=False, dora=False):
     """Bytes of the distinct storages autograd keeps for backward over one training forward
     (two packed examples in a row, or one sequence), parameters and NF4 buffers excluded."""
     from model import Llama
@@ -58,7 +58,7 @@ def _saved_activation_bytes(args, dtype, targets, dropout, nf4=False, packed=Tru
             for attr, child in list(mod.named_children()):
                 if isinstance(child, torch.nn.Linear) and name.startswith("model.layers"):
                     setattr(mod, attr, NF4Linear.from_weight(child.weight, None, dtype))
-    apply_lora(model, targets, r=4, alpha=8, dropout=dropout)
+    apply_lora(model, targets, r=4, alpha=8, dropout=dropout, use_dora=dora)
     model.train()
     if compile:
         model.compile_blocks()
@@ -79,18 +79,27 @@ def _saved_activation_bytes(args, dtype, targets, dropout, nf4=False, packed=Tru
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("targets,dropout,nf4,packed", [
-    (list(ALL_TARGETS), 0.1, False, True), (list(ALL_TARGETS), 0.0, True, True), (list(ALL_TARGETS), 0.1, True, False),
-    (["q_proj", "v_proj"], 0.0, False, True), (["o_proj", "down_proj"], 0.1, True, True)])
-def test_estimator_activations_are_what_autograd_saves(dtype, targets, dropout, nf4, packed):
-    """The estimator's activation bytes equal the tensors autograd really keeps, exactly."""
+@pytest.mark.parametrize("targets,dropout,nf4,packed,dora", [
+    (list(ALL_TARGETS), 0.1, False, True, False), (list(ALL_TARGETS), 0.0, True, True, False),
+    (list(ALL_TARGETS), 0.1, True, False, False), (["q_proj", "v_proj"], 0.0, False, True, False),
+    (["o_proj", "down_proj"], 0.1, True, True, False), (list(ALL_TARGETS), 0.1, False, True, True),
+    (["q_proj", "v_proj", "down_proj"], 0.0, True, False, True)])
+def test_estimator_activations_are_what_autograd_saves(dtype, targets, dropout, nf4, packed, dora):
+    """The estimator's activation bytes equal the tensors autograd really keeps, exactly (DoRA included:
+    its extra per layer is the (tokens, out) product before the row scale, the row norm and the scale)."""
     from model import ModelArgs
     a = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=160, vocab_size=300)
     b = torch.finfo(dtype).bits // 8
-    got = _saved_activation_bytes(a, dtype, targets, dropout, nf4, packed)
-    per_layer = got - _saved_activation_bytes(ModelArgs(**{**vars(a), "n_layers": 2}), dtype, targets, dropout, nf4, packed)
-    assert per_layer == 40 * saved_bytes_per_token_layer(a, targets, 4, b, packed)
-    est = estimate_memory(a, "qlora" if nf4 else "lora", 1, 40, rank=4, targets=targets, dtype_bytes=b, packed=packed)
+    got = _saved_activation_bytes(a, dtype, targets, dropout, nf4, packed, dora=dora)
+    fewer = ModelArgs(**{**vars(a), "n_layers": 2})
+    per_layer = got - _saved_activation_bytes(fewer, dtype, targets, dropout, nf4, packed, dora=dora)
+    outs = sum(o for n, (i, o) in linear_shapes(a).items() if n in targets)
+    assert per_layer == 40 * saved_bytes_per_token_layer(a, targets, 4, b, packed, dora) + dora * outs * (4 + b)
+    if dora:   # the extra over plain LoRA, per layer and token: one output row of each adapted layer
+        assert (saved_bytes_per_token_layer(a, targets, 4, b, packed, True)
+                - saved_bytes_per_token_layer(a, targets, 4, b, packed)) == outs * b
+    est = estimate_memory(a, "qlora" if nf4 else "lora", 1, 40, rank=4, targets=targets, dtype_bytes=b, packed=packed,
+                          dora=dora)
     if any(t in targets for t in ("q_proj", "k_proj", "v_proj")):
         assert est["activations"] == got
     else:   # the first block keeps no attention tensors then (no gradient reaches them); counted anyway
