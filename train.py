@@ -503,7 +503,8 @@ def peak_memory(device) -> int:
 
 def memory_breakdown(model, opt) -> dict:
     """Bytes of each kind of live tensor, counted from the real tensors."""
-    lora = [p for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+    lora = [p for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight, m.lora_magnitude_vector)
+            if p is not None]
     ids = {id(p) for p in lora}
     base = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids)
     base += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, NF4Linear) for b in m.buffers())
