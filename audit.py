@@ -2,6 +2,7 @@
 The audit: what LoRA and QLoRA really cost on your model and data, side by side, measured.
 
     python audit.py                                   # default model, generated task: ~25 min on a 2-core CPU (fp32)
+    python audit.py --variants lora,qlora,qdora,loftq # + QDoRA (DoRA over NF4) and LoftQ's initialisation
     python audit.py --data default --max-steps 50     # AlpacaEval instead (loss and KL only: its answers are open)
     python audit.py --model path/to/hf_folder --data my.jsonl --eval-generate 200 --eval-metric numeric --out audit_mine
     python audit.py --estimate-only --preset Llama-2-7B --seq-len 512 --batch-size 1 --grad-checkpoint
@@ -15,6 +16,9 @@ Runs, with the same data, seed and hyperparameters (any train.py flag passes thr
   4. with --eval-generate N, accuracy: every variant (both bases, LoRA, QLoRA, each merge path) answers
      the same N held-out questions, scored by --eval-metric, with 95% intervals and McNemar's paired test;
   5. a memory estimator for models that do not fit here, checked against the measured peaks.
+--variants adds DoRA (dora), QDoRA (qdora: DoRA over the NF4 base) and LoftQ (loftq: QLoRA started
+from an SVD of the NF4 error, --loftq-iters), each trained the same way and measured like the others:
+memory, speed, eval loss before and after, as trained, merged into the 16-bit base and requantized.
 Without --data it uses the generated task of defaults.task_records (questions with one right answer,
 which the default model gets wrong before training) and the flags in TASK_FLAGS; your flags win.
 Writes OUT/report.md, OUT/report.json, OUT/answers.jsonl (every variant's answers) and OUT/*.png.
@@ -199,14 +203,14 @@ def kl(p_log, q_log) -> float:
     return (p_log[:n].exp() * (p_log[:n] - q_log[:n])).sum(-1).mean().item()
 
 
-def estimate_for_run(args: ModelArgs, cfg, mode: str, r: dict) -> dict:
+def estimate_for_run(args: ModelArgs, cfg, mode: str, r: dict, dora: bool = False) -> dict:
     """The estimate for a training run as it ran (its summary.json): its largest micro-batch counted
     with padding (right-padded GPU rows compute on every position), its dtype and device."""
     on_gpu = r["device"].startswith("cuda")
     e = estimate_memory(args, mode, cfg.batch_size, cfg.seq_len, cfg.rank, cfg.targets.split(","), cfg.grad_checkpoint,
                         4 if r["dtype"] == "float32" else 2, tokens=r["max_padded_tokens_per_micro_batch"],
                         packed=cfg.pack or (not on_gpu and cfg.batch_size > 1),
-                        paged_device=on_gpu and (cfg.optim or "paged").startswith("paged") and mode == "qlora")
+                        paged_device=on_gpu and (cfg.optim or "paged").startswith("paged") and mode == "qlora", dora=dora)
     runtime = 0 if on_gpu else (r["runtime_rss"] or 0)   # CUDA's max_memory_allocated counts tensors only
     return dict(e, runtime=runtime, predicted_peak=e["total"] + runtime, measured_peak=r["peak_mem"],
                 error=(e["total"] + runtime) / r["peak_mem"] - 1)
@@ -214,10 +218,19 @@ def estimate_for_run(args: ModelArgs, cfg, mode: str, r: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 
+# The trained variants --variants chooses from: train.py's flags and the report's name for each.
+TRAINED = {"lora": ([], "LoRA"), "qlora": (["--qlora"], "QLoRA"), "dora": (["--dora"], "DoRA"),
+           "qdora": (["--qlora", "--dora"], "QDoRA"), "loftq": (["--qlora", "--init", "loftq"], "LoftQ")}
+
+
+def is_nf4(mode: str) -> bool:
+    return "--qlora" in TRAINED[mode][0]
+
+
 def run_training(mode, out_dir, passthrough, log):
     """train.py in its own process, so each mode's peak memory is its own."""
     cmd = [sys.executable, str(Path(__file__).parent / "train.py"), "--out", str(out_dir), "--overwrite"]
-    cmd += (["--qlora"] if mode == "qlora" else []) + passthrough
+    cmd += TRAINED[mode][0] + passthrough
     log(f"[{mode}] {' '.join(cmd[1:])}")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in p.stdout:
@@ -236,11 +249,22 @@ def main(argv=None):
     p.add_argument("--preset", choices=list(MODEL_PRESETS), help="model for --estimate-only (or --config)")
     p.add_argument("--config", help="a config.json for --estimate-only")
     p.add_argument("--kl-tokens", type=int, default=2048, help="target tokens over which KL is measured")
+    p.add_argument("--variants", default="lora,qlora",
+                   help="what to train and compare, from " + ", ".join(f"{k} ({v[1]}: train.py {' '.join(v[0]) or 'alone'})"
+                                                               for k, v in TRAINED.items())
+                   + "; lora and qlora always (default: lora,qlora)")
     a, passthrough = p.parse_known_args(argv)
     known = {"--" + f.name.replace("_", "-") for f in fields(TrainConfig)}
     bad = [x for x in passthrough if x.startswith("--") and x.split("=")[0] not in known]
-    if bad or any(x in ("--out", "--qlora", "--resume") for x in passthrough):
-        p.error(f"unknown or reserved flags: {bad or '--out/--qlora/--resume'} (train.py's flags pass through)")
+    reserved = ("--out", "--qlora", "--resume", "--dora", "--init")
+    if bad or any(x.split("=")[0] in reserved for x in passthrough):
+        p.error(f"unknown or reserved flags: {bad or '/'.join(reserved)} (train.py's flags pass through; "
+                "--variants chooses LoRA, QLoRA, DoRA, QDoRA, LoftQ)")
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    if any(v not in TRAINED for v in variants) or not {"lora", "qlora"} <= set(variants):
+        p.error(f"--variants {a.variants!r}: choose from {', '.join(TRAINED)}, with lora and qlora among them "
+                "(the report compares every variant with both)")
+    variants = list(dict.fromkeys(["lora", "qlora"] + variants))
     if not a.estimate_only and not any(x.split("=")[0] == "--data" for x in passthrough):
         passthrough = ["--data", str(default_task_path())] + TASK_FLAGS + passthrough
     from train import parse_args
@@ -266,7 +290,7 @@ def main(argv=None):
 
     # 1. training, each mode in its own process
     # (--eval-generate 0 for them: the audit scores every variant itself, the trained ones included)
-    runs = {m: run_training(m, out / m, passthrough + ["--eval-generate", "0"], log) for m in ("lora", "qlora")}
+    runs = {m: run_training(m, out / m, passthrough + ["--eval-generate", "0"], log) for m in variants}
 
     # 2-3. quantization damage and merge paths, all on the same eval split
     dtype = torch.float32 if not torch.cuda.is_available() else torch.bfloat16
@@ -318,6 +342,21 @@ def main(argv=None):
     requantize_nf4(mb)
     measure("c_b_requantized_nf4", mb, lp_a)
     del mb
+    # DoRA, QDoRA, LoftQ: as trained, merged into the 16-bit base (for LoftQ its adapted layers get the NF4
+    # codes it was trained over, dequantized: load_adapter does that), and that requantized
+    for v in variants[2:]:
+        mv = load_model(cfg.model, dtype, quantize="nf4" if is_nf4(v) else None)
+        load_adapter(mv, str(out / v))
+        lp_v = measure(f"{v}_as_trained", mv)
+        del mv
+        mb = load_model(cfg.model, dtype)
+        load_adapter(mb, str(out / v))
+        merge_lora(mb, unwrap=True)
+        measure(f"{v}_merged_16bit", mb, lp_v)
+        if is_nf4(v):
+            requantize_nf4(mb)
+            measure(f"{v}_merged_nf4", mb, lp_v)
+        del mb
     damage = dict(kl_16bit_to_nf4=kl(lp16, lp4), eval_loss_gap=res["base_nf4"]["eval_loss"] - res["base_16bit"]["eval_loss"])
     log(f"quantization damage: KL(16-bit || NF4) {damage['kl_16bit_to_nf4']:.4f} nats/token, "
         f"eval loss +{damage['eval_loss_gap']:.4f}")
@@ -326,16 +365,25 @@ def main(argv=None):
              "d_merged_into_dequantized_nf4": "base_nf4", "e_d_requantized_nf4": "base_nf4"}
     for k, b in start.items():
         res[k]["effect_kept"] = (res[b]["eval_loss"] - res[k]["eval_loss"]) / effect if effect else float("nan")
+    for v in variants[2:]:   # the same measure for DoRA, QDoRA, LoftQ, against their own as-trained effect
+        b0 = "base_nf4" if is_nf4(v) else "base_16bit"
+        ev = res[b0]["eval_loss"] - res[f"{v}_as_trained"]["eval_loss"]
+        for k, b in (("as_trained", b0), ("merged_16bit", "base_16bit"), ("merged_nf4", "base_nf4")):
+            if f"{v}_{k}" in res:
+                res[f"{v}_{k}"]["effect_kept"] = (res[b]["eval_loss"] - res[f"{v}_{k}"]["eval_loss"]) / ev if ev else float("nan")
     le = res["base_16bit"]["eval_loss"] - res["lora_as_trained"]["eval_loss"]
     res["lora_merged_16bit"]["effect_kept"] = (res["base_16bit"]["eval_loss"] - res["lora_merged_16bit"]["eval_loss"]) / le
 
     # Paired comparisons on the same questions: QLoRA against LoRA, each merge path against (a), training against none
     pairs = {}
     if gen_items:
+        extra = [(f"{v}_{k}", y) for v in variants[2:] for k, y in
+                 (("as_trained", "a_nf4_plus_adapter"), ("as_trained", "lora_as_trained"), ("merged_16bit", f"{v}_as_trained"),
+                  ("merged_nf4", f"{v}_as_trained")) if f"{v}_{k}" in res]
         for x, y in (("a_nf4_plus_adapter", "lora_as_trained"), ("b_merged_into_16bit_base", "a_nf4_plus_adapter"),
                      ("c_b_requantized_nf4", "a_nf4_plus_adapter"), ("d_merged_into_dequantized_nf4", "a_nf4_plus_adapter"),
                      ("e_d_requantized_nf4", "a_nf4_plus_adapter"), ("lora_merged_16bit", "lora_as_trained"),
-                     ("lora_as_trained", "base_16bit"), ("a_nf4_plus_adapter", "base_nf4"), ("base_nf4", "base_16bit")):
+                     ("lora_as_trained", "base_16bit"), ("a_nf4_plus_adapter", "base_nf4"), ("base_nf4", "base_16bit"), *extra):
             pairs[f"{x} vs {y}"] = dict(mcnemar(res[x]["accuracy"]["correct"], res[y]["accuracy"]["correct"]), a=x, b=y)
         q = pairs["a_nf4_plus_adapter vs lora_as_trained"]
         log(f"QLoRA vs LoRA on the same {len(gen_items)} questions: right only with QLoRA {q['a_only']}, only with "
@@ -347,8 +395,9 @@ def main(argv=None):
 
     # 4. the estimator, checked against the measured peaks (CPU: peak RSS = runtime + tensors)
     args = read_args(cfg.model)
-    est = {m: estimate_for_run(args, cfg, m, runs[m]) for m in ("lora", "qlora")}
-    for m in ("lora", "qlora"):
+    est = {m: estimate_for_run(args, cfg, "qlora" if is_nf4(m) else "lora", runs[m], dora="--dora" in TRAINED[m][0])
+           for m in variants}
+    for m in variants:
         r = runs[m]
         log(f"estimator {m}: predicted {est[m]['predicted_peak'] / 2**30:.2f} GB vs measured {r['peak_mem'] / 2**30:.2f} GB "
             f"({100 * est[m]['error']:+.0f}%)")
@@ -383,6 +432,29 @@ VARIANTS = {"base_16bit": "16-bit base", "base_nf4": "NF4 base", "lora_as_traine
             "lora_merged_16bit": "LoRA merged", "a_nf4_plus_adapter": "QLoRA (a)", "b_merged_into_16bit_base": "(b)",
             "c_b_requantized_nf4": "(c)", "d_merged_into_dequantized_nf4": "(d)", "e_d_requantized_nf4": "(e)"}
 NF4_VARIANTS = {"base_nf4", "a_nf4_plus_adapter", "c_b_requantized_nf4", "e_d_requantized_nf4"}   # the rest: 16-bit weights
+# The paths of DoRA, QDoRA and LoftQ (with --variants): "{mode}_{path}"
+EXTRA_PATHS = {"as_trained": "{}", "merged_16bit": "{} merged", "merged_nf4": "{} merged→NF4"}
+AS_TRAINED = {"lora": "lora_as_trained", "qlora": "a_nf4_plus_adapter"}   # else f"{mode}_as_trained"
+
+
+def variant_names(paths) -> dict:
+    """Every scored variant in `paths` (a report's), in the report's order, with its short name."""
+    out = dict(VARIANTS)
+    for mode, (_, label) in TRAINED.items():
+        if mode not in AS_TRAINED:
+            out.update({f"{mode}_{k}": v.format(label) for k, v in EXTRA_PATHS.items() if f"{mode}_{k}" in paths})
+    return out
+
+
+def nf4_weights(name: str) -> bool:
+    if name in NF4_VARIANTS or name.endswith("_merged_nf4"):
+        return True
+    mode = name.removesuffix("_as_trained")
+    return mode != name and mode in TRAINED and is_nf4(mode)
+
+
+def as_trained(mode: str) -> str:
+    return AS_TRAINED.get(mode, f"{mode}_as_trained")
 
 
 def spread(ys, gap):
@@ -405,20 +477,21 @@ def accuracy_plot(plt, runs, res, out):
         y = 100 * acc["accuracy"]
         ax.errorbar([x], [y], yerr=[[y - 100 * lo], [100 * hi - y]], fmt="o", color=color, capsize=3, label=label)
         return y
-    for j, (m, name, label) in enumerate((("lora", "lora_as_trained", "LoRA"), ("qlora", "a_nf4_plus_adapter", "QLoRA"))):
+    for j, m in enumerate(runs):
         x = runs[m]["peak_mem"] / 2**30
-        y = point(ax1, x, res[name]["accuracy"], f"C{j}")
-        ax1.annotate(label, (x, y), textcoords="offset points", xytext=(8, 8 - 16 * j), va="center")
+        y = point(ax1, x, res[as_trained(m)]["accuracy"], f"C{j}")
+        ax1.annotate(TRAINED[m][1], (x, y), textcoords="offset points", xytext=(8, 8 - 16 * (j % 2)), va="center")
     lo_x = min(r["peak_mem"] for r in runs.values()) / 2**30
     hi_x = max(r["peak_mem"] for r in runs.values()) / 2**30
     ax1.set_xlim(lo_x - 0.3 * (hi_x - lo_x) - 0.05, hi_x + 0.5 * (hi_x - lo_x) + 0.05)
     ax1.set_xlabel("training peak memory (GB)"), ax1.set_ylabel("held-out answers right (%)")
     ax1.set_title("Trained: accuracy vs training peak")
 
-    names = [k for k in VARIANTS if "accuracy" in res.get(k, {})]
+    label = variant_names(res)
+    names = [k for k in label if "accuracy" in res.get(k, {})]
     pts = {k: (res[k]["model_bytes"] / 2**30, 100 * res[k]["accuracy"]["accuracy"]) for k in names}
     for k in names:
-        point(ax2, pts[k][0], res[k]["accuracy"], "C1" if k in NF4_VARIANTS else "C0")
+        point(ax2, pts[k][0], res[k]["accuracy"], "C1" if nf4_weights(k) else "C0")
     front = sorted((k for k in names if not any(pts[o][0] <= pts[k][0] and pts[o][1] >= pts[k][1] and pts[o] != pts[k]
                                                 for o in names)), key=lambda k: pts[k][0])
     ax2.plot([pts[k][0] for k in front], [pts[k][1] for k in front], "ko--", lw=0.8, ms=12, mfc="none",
@@ -439,7 +512,7 @@ def accuracy_plot(plt, runs, res, out):
         group.sort(key=lambda k: pts[k][1])
         gx = max(pts[k][0] for k in group)
         for k, ly in zip(group, spread([pts[k][1] for k in group], gap)):
-            ax2.annotate(f"{VARIANTS[k]} {pts[k][1]:.1f}%", pts[k], xytext=(gx + 0.08 * width, ly), fontsize=8,
+            ax2.annotate(f"{label[k]} {pts[k][1]:.1f}%", pts[k], xytext=(gx + 0.08 * width, ly), fontsize=8,
                          va="center", arrowprops=dict(arrowstyle="-", lw=0.4, color="grey"),
                          bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))   # readable over the front
             placed.append(ly)
@@ -462,16 +535,17 @@ def plots(runs, est, big, out, log, res):
     fig, ax = plt.subplots(figsize=(7, 4))
     for j, (m, r) in enumerate(runs.items()):
         pts = [(x["step"], x["loss"]) for x in r["metrics"] if "loss" in x]
-        ax.plot(*zip(*pts), color=f"C{j}", label=f"{m} train loss", alpha=0.6)
+        ax.plot(*zip(*pts), color=f"C{j}", label=f"{TRAINED[m][1]} train loss", alpha=0.6)
         # eval points: before and at --eval-every from metrics.jsonl, after training from the summary
         ev = [(x["step"], x["eval_loss"]) for x in r["metrics"] if "eval_loss" in x] + [(r["steps"], r["eval_loss_after"])]
-        ax.plot(*zip(*ev), "o--" if len(ev) > 2 else "o", color=f"C{j}", lw=2, label=f"{m} eval loss")   # no line from 2 points
-    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.set_title("Loss: LoRA vs QLoRA")
+        ax.plot(*zip(*ev), "o--" if len(ev) > 2 else "o", color=f"C{j}", lw=2, label=f"{TRAINED[m][1]} eval loss")   # no line from 2 points
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(fontsize=8)
+    ax.set_title("Loss: " + " vs ".join(TRAINED[m][1] for m in runs))
     fig.tight_layout(), fig.savefig(out / "loss.png", dpi=110), plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     kinds = ["runtime", "base_weights", "adapters", "gradients", "optimizer_states", "activations", "transient"]
-    for j, m in enumerate(("lora", "qlora")):
+    for j, m in enumerate(runs):
         bottom = 0
         for k in kinds:
             v = est[m][k] / 2**30
@@ -479,7 +553,8 @@ def plots(runs, est, big, out, log, res):
             bottom += v
         ax.plot([j - 0.4, j + 0.4], [est[m]["measured_peak"] / 2**30] * 2, "k-", lw=2,
                 label="measured peak" if j == 0 else None)
-    ax.set_xticks([0, 1], ["LoRA", "QLoRA"]), ax.set_ylabel("GB"), ax.set_xlim(-0.6, 2.6)   # room for the legend
+    ax.set_xticks(range(len(runs)), [TRAINED[m][1] for m in runs]), ax.set_ylabel("GB")
+    ax.set_xlim(-0.6, len(runs) + 0.6)   # room for the legend
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title("Memory breakdown (estimated parts, measured peak)")
     fig.tight_layout(), fig.savefig(out / "memory.png", dpi=110), plt.close(fig)
@@ -517,22 +592,13 @@ def render_report(r) -> str:
     L, Q = r["training"]["lora"], r["training"]["qlora"]
     gb = lambda b: f"{b / 2**30:.2f} GB"
     P, D = r["paths"], r["quantization_damage"]
-    best = min((k for k in P if k[0] in "abcde"), key=lambda k: P[k]["eval_loss"])
+    best = min((k for k in VARIANTS if k[:2] in ("a_", "b_", "c_", "d_", "e_")), key=lambda k: P[k]["eval_loss"])
     lines = [
-        "# LoRA vs QLoRA audit", "",
+        "# Audit: " + " vs ".join(TRAINED[m][1] for m in r["training"]), "",
         f"Model `{r['config']['model']}`, data `{r['config']['data']}`, {L['steps']} steps, batch {r['config']['batch_size']}, "
         f"seq ≤ {r['config']['seq_len']}, r={r['config']['rank']}, α={r['config']['alpha']}, on {L['device']} ({L['dtype']}). "
         f"Audit time {r['time_min']:.1f} min.", "",
-        "## Training", "",
-        "| | LoRA | QLoRA | QLoRA / LoRA |", "|---|---|---|---|",
-        f"| peak memory | {gb(L['peak_mem'])} | {gb(Q['peak_mem'])} | {Q['peak_mem'] / L['peak_mem']:.2f} |",
-        f"| tokens/s | {L['tokens_per_s']:.1f} | {Q['tokens_per_s']:.1f} | {Q['tokens_per_s'] / L['tokens_per_s']:.2f} |",
-        f"| eval loss before | {L['eval_loss_before']:.4f} | {Q['eval_loss_before']:.4f} | |",
-        f"| eval loss after | {L['eval_loss_after']:.4f} | {Q['eval_loss_after']:.4f} | {Q['eval_loss_after'] - L['eval_loss_after']:+.4f} |",
-        f"| eval ppl after | {L['eval_ppl_after']:.2f} | {Q['eval_ppl_after']:.2f} | |",
-        f"| base weights | {gb(L['memory']['base_weights'])} | {gb(Q['memory']['base_weights'])} | {Q['memory']['base_weights'] / L['memory']['base_weights']:.2f} |",
-        f"| optimizer states | {L['memory']['optimizer_states'] / 2**20:.1f} MB | {Q['memory']['optimizer_states'] / 2**20:.1f} MB | |",
-        "", "![loss](loss.png)", "",
+        "## Training", "", *training_table(r), "", "![loss](loss.png)", "",
         "## Quantization damage alone (before training)", "",
         f"KL(16-bit base ‖ NF4 base) = {D['kl_16bit_to_nf4']:.4f} nats/token; eval loss {P['base_16bit']['eval_loss']:.4f} → "
         f"{P['base_nf4']['eval_loss']:.4f} ({D['eval_loss_gap']:+.4f}).", "",
@@ -543,19 +609,21 @@ def render_report(r) -> str:
                      ("c_b_requantized_nf4", "(c) (b) requantized to NF4"),
                      ("d_merged_into_dequantized_nf4", "(d) merged into dequantized NF4, kept 16-bit"),
                      ("e_d_requantized_nf4", "(e) (d) requantized: merging into 4-bit in place"),
-                     ("lora_merged_16bit", "LoRA merged into its 16-bit base")):
+                     ("lora_merged_16bit", "LoRA merged into its 16-bit base"), *extra_paths(P)):
         x = P[k]
         lines.append(f"| {label} | {x['eval_loss']:.4f} | {x['kl_to_trained']:.2e} | {100 * x['effect_kept']:.0f}% | "
                      f"{pct(x['accuracy']) if 'accuracy' in x else '-'} |")
     lines += ["", "Effect kept = how far the path moved the eval loss from its own untrained base, as a share of what "
-              "training moved it ((a) against the NF4 base; (b) against the 16-bit base).", ""]
+              "training moved it ((a) against the NF4 base; (b) against the 16-bit base)." + (
+                  " LoftQ merged: its adapted layers get the NF4 codes it was trained over, dequantized (merging into the "
+                  "original W would count the NF4 error twice: in W, and in the adapter that starts by undoing it)."
+                  if "loftq_merged_16bit" in P else ""), ""]
     lines += accuracy_section(r)
     lines += ["## Memory estimator", "",
               "| | runtime (measured) | weights | adapters + grads + optimizer | activations | transient | "
               "predicted | measured | error |", "|---|---|---|---|---|---|---|---|---|"]
-    for m in ("lora", "qlora"):
-        e = r["estimator"][m]
-        lines.append(f"| {m} | {gb(e['runtime'])} | {gb(e['base_weights'])} | "
+    for m, e in r["estimator"].items():
+        lines.append(f"| {TRAINED[m][1]} | {gb(e['runtime'])} | {gb(e['base_weights'])} | "
                      f"{gb(e['adapters'] + e['gradients'] + e['optimizer_states'])} | {gb(e['activations'])} | "
                      f"{gb(e['transient'])} | {gb(e['predicted_peak'])} | {gb(e['measured_peak'])} | {100 * e['error']:+.0f}% |")
     lines += ["", "Predicted = the runtime (on CPU: resident memory between steps less the live tensors; on CUDA "
@@ -594,8 +662,63 @@ def render_report(r) -> str:
               f"Of the QLoRA merge paths, {best.split('_')[0]} gives the lowest eval loss; merging into 4-bit in place (e) "
               f"keeps {100 * P['e_d_requantized_nf4']['effect_kept']:.0f}% of the fine-tune's effect, and keeping the "
               f"dequantized merge in 16-bit (d) keeps {100 * P['d_merged_into_dequantized_nf4']['effect_kept']:.0f}%.",
-              "", accuracy_verdict(r)]
+              "", accuracy_verdict(r), *variants_verdict(r)]
     return "\n".join(lines) + "\n"
+
+
+def training_table(r) -> list[str]:
+    """One column per trained variant; memory and speed also as a ratio to LoRA's."""
+    T, P = r["training"], r["paths"]
+    L = T["lora"]
+    gb = lambda b: f"{b / 2**30:.2f} GB"
+    cols = list(T)
+    row = lambda name, f: f"| {name} | " + " | ".join(f(m, T[m]) for m in cols) + " |"
+    ratio = lambda x, y, m: "" if m == "lora" else f" ({x / y:.2f}x)"
+    rows = [row("peak memory", lambda m, t: gb(t["peak_mem"]) + ratio(t["peak_mem"], L["peak_mem"], m)),
+            row("tokens/s", lambda m, t: f"{t['tokens_per_s']:.1f}" + ratio(t["tokens_per_s"], L["tokens_per_s"], m)),
+            row("eval loss before", lambda m, t: f"{t['eval_loss_before']:.4f}"),
+            row("eval loss after", lambda m, t: f"{t['eval_loss_after']:.4f}" + (
+                "" if m == "lora" else f" ({t['eval_loss_after'] - L['eval_loss_after']:+.4f})")),
+            row("eval ppl after", lambda m, t: f"{t['eval_ppl_after']:.2f}"),
+            row("base weights", lambda m, t: gb(t["memory"]["base_weights"])),
+            row("optimizer states", lambda m, t: f"{t['memory']['optimizer_states'] / 2**20:.1f} MB")]
+    if "accuracy" in P["base_16bit"]:
+        rows.append(row("answers right", lambda m, t: pct(P[as_trained(m)]["accuracy"])))
+    return ["| | " + " | ".join(TRAINED[m][1] for m in cols) + " |", "|---" * (len(cols) + 1) + "|", *rows,
+            "", "Ratios are to LoRA's; eval loss after, its difference from LoRA's."]
+
+
+def extra_paths(P) -> list[tuple[str, str]]:
+    """(key, row label) of DoRA's, QDoRA's and LoftQ's paths in the merge table."""
+    words = {"as_trained": "as trained", "merged_16bit": "merged into the 16-bit base", "merged_nf4": "merged, requantized to NF4"}
+    return [(f"{m}_{k}", f"{label} {w}") for m, (_, label) in TRAINED.items() for k, w in words.items()
+            if m not in AS_TRAINED and f"{m}_{k}" in P]
+
+
+def variants_verdict(r) -> list[str]:
+    """For DoRA, QDoRA and LoftQ: what each costs and buys against QLoRA (or LoRA), and how much of the
+    gap between QLoRA and LoRA it closes, in eval loss and in answers."""
+    T, P, pairs = r["training"], r["paths"], r["paired"]
+    Q, L = T["qlora"], T["lora"]
+    out = []
+    for m in list(T)[2:]:
+        t, label = T[m], TRAINED[m][1]
+        ref, ref_label = (Q, "QLoRA") if is_nf4(m) else (L, "LoRA")
+        gap = Q["eval_loss_after"] - L["eval_loss_after"]
+        s = (f"{label}: peak memory {t['peak_mem'] / ref['peak_mem']:.2f}x {ref_label}'s, speed "
+             f"{t['tokens_per_s'] / ref['tokens_per_s']:.2f}x, eval loss {t['eval_loss_before']:.4f} before training "
+             f"({ref_label}: {ref['eval_loss_before']:.4f}) and {t['eval_loss_after']:.4f} after ({ref_label}: "
+             f"{ref['eval_loss_after']:.4f})")
+        if is_nf4(m) and gap > 0:
+            s += f", closing {100 * (Q['eval_loss_after'] - t['eval_loss_after']) / gap:.0f}% of QLoRA's eval-loss gap to LoRA"
+        key = f"{m}_as_trained vs {'a_nf4_plus_adapter' if is_nf4(m) else 'lora_as_trained'}"
+        if key in pairs:
+            x, acc = pairs[key], lambda k: 100 * P[k]["accuracy"]["accuracy"]
+            ref_acc = acc(as_trained("qlora" if is_nf4(m) else "lora"))
+            s += (f"; answers {acc(f'{m}_as_trained'):.1f}% right against {ref_label}'s {ref_acc:.1f}% (right only with "
+                  f"{label} {x['a_only']}, only with {ref_label} {x['b_only']}, p = {x['p']:.2g}: {reading(x)})")
+        out += ["", s + "."]
+    return out
 
 
 def pct(acc) -> str:
@@ -623,13 +746,14 @@ def accuracy_section(r) -> list[str]:
              f"Every variant greedy-answers the same {a['n']} held-out questions; an answer is right when it matches "
              f"the reference ({a['metric']}). Intervals are 95% Wilson intervals; answers.jsonl has every answer.", "",
              "| variant | answers right (95% interval) | eval loss | weights in memory |", "|---|---|---|---|"]
-    for k, name in VARIANTS.items():
+    names = variant_names(P)
+    for k, name in names.items():
         lines.append(f"| {name} | {pct(P[k]['accuracy'])} | {P[k]['eval_loss']:.4f} | {size(P[k]['model_bytes'])} |")
     lines += ["", "![accuracy](accuracy.png)", "",
               "Paired on the same questions (McNemar's exact test on the questions only one of the two gets right):", "",
               "| first vs second | right only in the first | only in the second | p | reading (at 5%) |", "|---|---|---|---|---|"]
     for x in r["paired"].values():
-        lines.append(f"| {VARIANTS[x['a']]} vs {VARIANTS[x['b']]} | {x['a_only']} | {x['b_only']} | {x['p']:.3g} | "
+        lines.append(f"| {names[x['a']]} vs {names[x['b']]} | {x['a_only']} | {x['b_only']} | {x['p']:.3g} | "
                      f"{reading(x)} |")
     return lines + [""]
 
@@ -657,8 +781,8 @@ def accuracy_verdict(r) -> str:
         out += (f"the {diff:+.1f} points could be chance at this sample size; at ±{half:.0f} points per interval, "
                 "a gap of a few points would need several times more questions to show (`--eval-generate`, "
                 "`--eval-examples`)")
-    differ = [f"{VARIANTS[x['a']]} {acc(x['a']) - acc('a_nf4_plus_adapter'):+.1f} points" for x in pairs.values()
-              if x["b"] == "a_nf4_plus_adapter" and x["p"] < 0.05]
+    differ = [f"{variant_names(P)[x['a']]} {acc(x['a']) - acc('a_nf4_plus_adapter'):+.1f} points" for x in pairs.values()
+              if x["b"] == "a_nf4_plus_adapter" and x["a"] in VARIANTS and x["p"] < 0.05]
     return out + (". Merge paths that answer differently from (a) beyond chance: " + ", ".join(differ) + "." if differ
                   else ". No merge path answers differently from (a) beyond chance.")
 

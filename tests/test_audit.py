@@ -118,20 +118,24 @@ def test_compiled_qlora_saves_no_dequantized_weight():
 
 
 def test_audit_report_has_every_section(tiny_run, tmp_path):
-    """Every section with finite numbers, accuracy for all nine variants with intervals and the paired
-    tests, every plot; and without --eval-generate the report says how to get accuracy."""
-    from audit import VARIANTS, render_report
+    """Every section with finite numbers, accuracy for all nine variants and those of QDoRA and LoftQ
+    with intervals and the paired tests, every plot; without --eval-generate the report says how to get accuracy."""
+    from audit import VARIANTS, render_report, variant_names
     from score import mcnemar, wilson
     model, data = tiny_run
     main(["--out", str(tmp_path / "audit"), "--model", str(model), "--data", str(data), "--max-steps", "3",
           "--eval-examples", "8", "--seq-len", "64", "--batch-size", "4", "--lr", "5e-3", "--kl-tokens", "64",
-          "--dtype", "float32", "--device", "cpu", "--eval-generate", "4", "--eval-max-new-tokens", "4"])
+          "--dtype", "float32", "--device", "cpu", "--eval-generate", "4", "--eval-max-new-tokens", "4",
+          "--variants", "lora,qlora,qdora,loftq", "--loftq-iters", "2"])
     r = json.loads((tmp_path / "audit/report.json").read_text())
     nums = [r["quantization_damage"]["kl_16bit_to_nf4"], r["quantization_damage"]["eval_loss_gap"]]
     nums += [v for p in r["paths"].values() for k, v in p.items() if k != "accuracy"]
-    nums += [r["training"][m][k] for m in ("lora", "qlora") for k in ("peak_mem", "tokens_per_s", "eval_loss_after")]
-    nums += [r["estimator"][m]["predicted_peak"] for m in ("lora", "qlora")]
-    assert set(r["paths"]) == set(VARIANTS)
+    modes = ("lora", "qlora", "qdora", "loftq")
+    assert tuple(r["training"]) == tuple(r["estimator"]) == modes
+    nums += [r["training"][m][k] for m in modes for k in ("peak_mem", "tokens_per_s", "eval_loss_after")]
+    nums += [r["estimator"][m]["predicted_peak"] for m in modes]
+    extra = {f"{m}_{k}" for m in ("qdora", "loftq") for k in ("as_trained", "merged_16bit", "merged_nf4")}
+    assert set(r["paths"]) == set(VARIANTS) | extra == set(variant_names(r["paths"]))
     for name, p in r["paths"].items():
         a = p["accuracy"]
         assert a["n"] == 4 and a["right"] == sum(a["correct"]) and list(a["ci95"]) == pytest.approx(list(wilson(a["right"], 4)))
@@ -142,10 +146,12 @@ def test_audit_report_has_every_section(tiny_run, tmp_path):
     assert {k: q[k] for k in ("a_only", "b_only", "p")} == mcnemar(r["paths"]["a_nf4_plus_adapter"]["accuracy"]["correct"],
                                                                    r["paths"]["lora_as_trained"]["accuracy"]["correct"])
     answers = [json.loads(l) for l in (tmp_path / "audit/answers.jsonl").read_text().splitlines()]
-    assert len(answers) == 4 and set(answers[0]) == {"question", "reference", *VARIANTS}
+    assert len(answers) == 4 and set(answers[0]) == {"question", "reference", *VARIANTS, *extra}
+    assert "qdora_as_trained vs a_nf4_plus_adapter" in r["paired"] and "loftq_as_trained vs lora_as_trained" in r["paired"]
     md = (tmp_path / "audit/report.md").read_text()
     for section in ("## Training", "## Quantization damage", "## Merge paths", "## Accuracy", "## Memory estimator",
-                    "## Verdict", "QLoRA alone got", "![accuracy](accuracy.png)"):
+                    "## Verdict", "QLoRA alone got", "![accuracy](accuracy.png)", "| | LoRA | QLoRA | QDoRA | LoftQ |",
+                    "QDoRA: peak memory", "LoftQ: peak memory", "| LoftQ merged into the 16-bit base |"):
         assert section in md
     assert all((tmp_path / "audit" / f).is_file() for f in ("loss.png", "memory.png", "estimate.png", "accuracy.png"))
     for p in r["paths"].values():
