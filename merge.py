@@ -9,7 +9,10 @@ Merge a LoRA or QLoRA adapter into its base and write what deployment tools load
 A QLoRA adapter was trained against NF4 weights, but it is merged into the base *reloaded in
 16-bit*: merging into the 4-bit weights would need requantizing the sum, which rounds away much of a
 small update (audit.py measures how much). --from-nf4 merges into the dequantized NF4 weights instead
-(reproduces the trained model exactly, quantization error included). The output folder is written
+(reproduces the trained model exactly, quantization error included). A LoftQ adapter is always merged
+over the NF4 codes it was trained with (dequantized) in the layers it adapts: it starts by undoing
+their error, so merged into W it would count that error twice. DoRA adapters merge as peft merges them:
+each row of W + sBA rescaled to its learned length. The output folder is written
 under a temporary name and renamed when complete; an adapter that does not fit the base is refused
 before anything is written. At the end a fidelity line compares the merged model, as written, with
 base + adapter.
@@ -87,8 +90,10 @@ def merge(model: str, adapter: str, out: str, dtype=torch.bfloat16, requantize: 
     cfg = load_adapter(m, adapter, force)   # refuses an adapter trained on another base: before any write
     ref = probe_logits(m, tok, fmt)   # base + adapter, unmerged
     merge_lora(m, on_nf4="dequantize" if from_nf4 else None, unwrap=True)
-    log(f"merged rank-{cfg['r']} adapter from {adapter} into {model}"
-        f"{' (dequantized NF4 weights)' if from_nf4 else ' (16-bit weights)'}")
+    where = " (dequantized NF4 weights)" if from_nf4 else " (16-bit weights)"
+    if cfg.get("loftq_iters") and not from_nf4:   # load_adapter put them there: W itself would add the NF4 error twice
+        where = " (16-bit weights; the adapted layers hold the NF4 codes LoftQ trained over, dequantized)"
+    log(f"merged rank-{cfg['r']} {'DoRA' if cfg.get('use_dora') else 'LoRA'} adapter from {adapter} into {model}{where}")
     cast = lambda: ((n, t.to(dtype) if t.is_floating_point() else t) for n, t in model_tensors(m))
 
     def write(tmp):

@@ -7,6 +7,8 @@ Fine-tune a Llama-family model with LoRA (16-bit base) or QLoRA (NF4 base + page
     python train.py --show-example                   # the first training example as the model sees it
     python train.py --qlora --resume                 # continue runs/qlora where it stopped
     python train.py --qlora --compile                # torch.compile each block: ~1 min to compile, then faster steps
+    python train.py --qlora --dora                   # QDoRA: DoRA's learned row lengths over the NF4 base
+    python train.py --qlora --init loftq             # LoftQ: A and B start from an SVD of the NF4 error
     torchrun --nproc_per_node 2 train.py --qlora     # data-parallel on 2 GPUs (or CPU processes)
 
 Stopping: Ctrl-C, SIGTERM (what SLURM, Kubernetes and spot instances send) or --stop-after finish the
@@ -18,8 +20,11 @@ without a checkpoint. A loss or gradient norm that is not finite stops the run b
 A run directory holds the adapter in peft's format (adapter_config.json, adapter_model.safetensors),
 train_config.json, metrics.jsonl (one JSON object per step and eval), summary.json and
 checkpoint.safetensors (adapters, optimizer, RNG states, step: what --resume needs; safetensors and
-JSON, so loading it cannot run code). Exit codes: 0 done, 2 bad input, 3 out of memory, 4 diverged,
-74 a save failed (a full disk: the previous save is intact), 75 stopped with a checkpoint.
+JSON, so loading it cannot run code); with --init loftq --loftq-iters 2 or more also
+loftq_base.safetensors, the NF4 codes the adapter was trained over (one iteration keeps QLoRA's own,
+NF4 of the base model's weights, which anything that loads the adapter rebuilds). Exit codes: 0 done,
+2 bad input, 3 out of memory, 4 diverged, 74 a save failed (a full disk: the previous save is intact),
+75 stopped with a checkpoint.
 """
 import allocator
 
@@ -675,7 +680,9 @@ def finish(run: Run, model, opt, summary: dict, eval_batches, t_start, metrics, 
              else "no eval split (--eval-examples 0)")
     run.log(f"done: {step} steps in {summary['train_time_s'] / 60:.1f} min; {evals}; adapter in {run.out}")
     if cfg.max_steps > 0 and run.device.type == "cpu":
-        run.log(f"(a short run for a CPU; the full epoch on a GPU: python train.py {'--qlora ' if cfg.qlora else ''}"
+        flags = ("--qlora " if cfg.qlora else "") + ("--dora " if cfg.dora else "") + (
+            f"--init loftq --loftq-iters {cfg.loftq_iters} " if cfg.init == "loftq" else "")
+        run.log(f"(a short run for a CPU; the full epoch on a GPU: python train.py {flags}"
                 f"--max-steps -1 --seq-len 1024 --batch-size 8 --eval-every 50)")
 
 

@@ -5,6 +5,7 @@ transformers + peft (+ bitsandbytes for QLoRA) on exactly the same batches, in t
     python bench/train.py                        # default model, r=8, alpha=16, 7 targets, seq <= 256, batch 4
     python bench/train.py --steps 40 --peers     # also transformers+peft(+bitsandbytes): ~15 min more on 2 cores
     python bench/train.py --compile              # also ours with --compile: compile time, then steady-state speed
+    python bench/train.py --dora --peers         # DoRA and QDoRA instead, ours against peft's use_dora=True
     python bench/train.py --device cuda --model path/to/Llama-3.2-1B
 
 Prints real (non-padding) tokens/s, seconds/step and useful FLOP/s (medians over the steps after the
@@ -83,6 +84,7 @@ def ours(mode, a, out, compile=False):
     cmd += ["--device", a.device] if a.device else []
     cmd += ["--dtype", a.dtype] if a.dtype else []
     cmd += ["--compile"] if compile else []
+    cmd += ["--dora"] if a.dora else []
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
@@ -104,7 +106,7 @@ def estimate(mode, out: Path, summary) -> float:
     from formats import read_args
     from train import TrainConfig
     cfg = TrainConfig(**json.loads((out / "train_config.json").read_text()))
-    return estimate_for_run(read_args(cfg.model), cfg, mode, summary)["predicted_peak"]
+    return estimate_for_run(read_args(cfg.model), cfg, mode, summary, dora=cfg.dora)["predicted_peak"]
 
 
 PEER = r'''
@@ -124,7 +126,7 @@ if mode == "qlora":
     kw["quantization_config"] = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=kw["dtype"])
 m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, device_map=device, **kw)
-m = peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=cfg["targets"].split(","), task_type="CAUSAL_LM"))
+m = peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=cfg["targets"].split(","), task_type="CAUSAL_LM", use_dora=cfg["dora"]))
 params = [p for p in m.parameters() if p.requires_grad]
 if device == "cuda": torch.cuda.reset_peak_memory_stats()   # like train.py: the training peak, not the loading one
 if cfg["compile"]:   # regionally, as ours: each decoder layer
@@ -155,7 +157,7 @@ def peer(mode, a, dtype, compile=False):
     from formats import default_model_dir
     model_dir = str(default_model_dir()) if a.model == "default" else a.model
     cfg = dict(root=str(ROOT), mode=mode, model=model_dir, steps=a.steps, seq_len=a.seq_len,
-               device=a.device or "cpu", targets=TARGETS, dtype=dtype, compile=compile)
+               device=a.device or "cpu", targets=TARGETS, dtype=dtype, compile=compile, dora=a.dora)
     r = subprocess.run([sys.executable, "-c", PEER, json.dumps(cfg)], capture_output=True, text=True)
     if r.returncode:
         print(r.stderr[-2000:])
@@ -174,12 +176,15 @@ def main():
     p.add_argument("--peers", action="store_true", help="also run transformers+peft(+bitsandbytes) on the same batches")
     p.add_argument("--compile", action="store_true", help="also run ours with --compile (and the peers with their decoder "
                    "layers compiled, with --peers): compile time and steady-state speed against eager")
+    p.add_argument("--dora", action="store_true", help="DoRA on every run (ours --dora, QDoRA with the NF4 base; the "
+                   "peers with peft's use_dora=True); the FLOP count leaves out DoRA's row norms")
     a = p.parse_args()
+    lab = lambda m: ("qdora" if m == "qlora" else "dora") if a.dora else m
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("lora", "qlora"):
             res[mode] = ours(mode, a, Path(tmp) / mode)
-            print(f"ours {mode:5s}: {res[mode]['tok_s']:6.1f} real tok/s, {res[mode]['s_step']:.2f} s/step, "
+            print(f"ours {lab(mode):5s}: {res[mode]['tok_s']:6.1f} real tok/s, {res[mode]['s_step']:.2f} s/step, "
                   f"peak {res[mode]['peak'] / 2**30:.2f} GB ({res[mode]['dtype']}; estimated "
                   f"{res[mode]['predicted'] / 2**30:.2f}, {res[mode]['predicted'] / res[mode]['peak'] - 1:+.0%}), "
                   f"useful {res[mode]['flop_s'] / 1e9:.0f} GFLOP/s", flush=True)
@@ -189,7 +194,7 @@ def main():
         if a.compile:
             for mode in ("lora", "qlora"):
                 c = res[mode + "_compiled"] = ours(mode, a, Path(tmp) / (mode + "_compiled"), compile=True)
-                print(f"ours {mode:5s} compiled: {c['tok_s']:6.1f} real tok/s ({c['tok_s'] / res[mode]['tok_s']:.2f}x eager), "
+                print(f"ours {lab(mode):5s} compiled: {c['tok_s']:6.1f} real tok/s ({c['tok_s'] / res[mode]['tok_s']:.2f}x eager), "
                       f"{c['s_step']:.2f} s/step, peak {c['peak'] / 2**30:.2f} GB; compiling took "
                       f"{c['first_two'] - 2 * c['s_step']:.0f} s (the first two steps above the median)", flush=True)
     if a.peers:
@@ -199,12 +204,12 @@ def main():
                 r = peer(mode, a, res[mode]["dtype"], compiled)   # the dtype ours ran in: like with like
                 if r:
                     res["peer_" + key] = r
-                    print(f"peer {mode:5s}{' compiled' if compiled else ''}: {r['tok_s']:6.1f} real tok/s, "
+                    print(f"peer {lab(mode):5s}{' compiled' if compiled else ''}: {r['tok_s']:6.1f} real tok/s, "
                           f"{r['s_step']:.2f} s/step, peak {r['peak'] / 2**30:.2f} GB (ours{' compiled' if compiled else ''}: "
                           f"{res[key]['tok_s'] / r['tok_s']:.2f}x speed, {res[key]['peak'] / r['peak']:.2f}x memory)"
                           + (f"; compiling took {r['first_two'] - 2 * r['s_step']:.0f} s" if compiled else ""), flush=True)
     L, Q = res["lora"], res["qlora"]
-    print(f"QLoRA / LoRA: step time {Q['s_step'] / L['s_step']:.2f}x (goal <= 1.15), peak memory {Q['peak'] / L['peak']:.2f}x")
+    print(f"{'QDoRA / DoRA' if a.dora else 'QLoRA / LoRA'}: step time {Q['s_step'] / L['s_step']:.2f}x (goal <= 1.15), peak memory {Q['peak'] / L['peak']:.2f}x")
 
 
 if __name__ == "__main__":
