@@ -326,8 +326,9 @@ def apply_loftq(model: nn.Module, found: dict, iters: int):
     """Put loftq_quantizer's A and B into the model's LoRA layers (after apply_lora); DoRA's magnitude
     is then restarted at ||Q + s B A||, so the model still starts exactly at Q + s B A."""
     layers = lora_layers(model)
-    if set(layers) != set(found):
-        raise ValueError(f"LoftQ ran on {len(found)} layers but LoRA adapts {len(layers)}")
+    if set(layers) != set(found):   # a base stored in 4-bit (a bitsandbytes folder) has no 16-bit weights to start from
+        raise ValueError(f"LoftQ had the 16-bit weights of {len(found)} of the {len(layers)} adapted layers: it needs "
+                         f"a 16-bit checkpoint ({getattr(model, 'source', 'this model')} is not one)")
     model.lora_config["loftq_iters"] = iters
     with torch.no_grad():
         for name, m in layers.items():
