@@ -112,8 +112,8 @@ def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8
     inputs = a.dim * (any(n in t for n in ("q_proj", "k_proj", "v_proj")) + any(n in t for n in ("gate_proj", "up_proj")))
     inputs += q * ("o_proj" in t and packed) + inter * ("down_proj" in t)
     lora = len(t) * rank * b                     # each adapter's (tokens, r) product (its dropout mask is redrawn)
-    if dora:                                     # W x + s B A x before its row scale, for the magnitude's gradient
-        lora += sum(shapes[n][1] for n in t) * b
+    if dora:   # the output, for the magnitude's gradient, where the next op does not keep it already (v, gate, up)
+        lora += sum(shapes[n][1] for n in t if n not in ("v_proj", "gate_proj", "up_proj")) * b
     return norms + attn + mlp + inputs * b + lora
 
 
@@ -156,8 +156,8 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
         opt = 8 * lora_params + 4 * len(tensors) * a.n_layers   # AdamW: exp_avg, exp_avg_sq and a step tensor
     tokens = tokens or batch * seq
     layer = saved_bytes_per_token_layer(a, targets, rank, b, packed, dora)
-    # DoRA also keeps, per adapted layer and whatever the tokens, its row norm (fp32) and row scale
-    fixed = sum(o for n, (i, o) in shapes.items() if n in targets) * (4 + b) if dora else 0
+    # DoRA also keeps, per adapted layer and whatever the tokens, its row norm (fp32)
+    fixed = sum(o for n, (i, o) in shapes.items() if n in targets) * 4 if dora else 0
     act = tokens * a.n_layers * (a.dim * b if grad_checkpoint else layer) + (0 if grad_checkpoint else a.n_layers * fixed)
     if grad_checkpoint:   # one block's activations exist again while it is recomputed for backward
         act += tokens * layer + fixed

@@ -105,13 +105,11 @@ class LoRALinear(nn.Module):
         # DoRA: rescale W x + s B A x row by row. Unlike peft, dropout touches only the adapter's input
         # (as in LoRA): peft runs the base a second time on the dropped-out x, a full extra matmul per
         # layer in training. Without dropout (eval, inference, merging) the two are the same function.
-        # Autograd keeps the (tokens, out) product for m's gradient: DoRA's extra activation memory.
         bias = self.base.bias
         if bias is not None:
             y = y - bias
         y = _LoRAAdd.apply(y, x, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
-        y = y * (self.lora_magnitude_vector / self.weight_norm()).to(y.dtype)
-        return y + bias if bias is not None else y
+        return _RowScale.apply(y, self.lora_magnitude_vector, self.weight_norm(), bias)
 
     def delta(self) -> torch.Tensor:
         """The dense update s * B @ A (out, in), in fp32; only merging needs it."""
@@ -221,6 +219,33 @@ class _LoRAAdd(torch.autograd.Function):
             gA = g_xa.T @ x2
             gx = g_xa @ a
         return g, gx.view(x.shape), gA.to(A.dtype), gB.to(B.dtype), None, None
+
+
+class _RowScale(torch.autograd.Function):
+    """DoRA's y = z * m / n + bias, each output feature (row of W) scaled by its own m / n, in place on z;
+    n = ||W + s B A|| per row is a constant here.
+
+    m's gradient needs z, the (tokens, out) product before the scale. Autograd would keep it; we keep
+    the output y instead and divide: sum_t g * z / n = sum_t g * (y - bias) / m. The output is what the
+    next op keeps anyway where it needs its input (attention keeps v, SwiGLU gate and up), so for those
+    layers DoRA keeps nothing of the tokens' size. (m = 0 would divide by zero; it starts at ||W|| > 0,
+    and a zero row of W makes n = 0 and the forward 0 / 0 already, as in peft.)"""
+
+    @staticmethod
+    def forward(ctx, z, m, n, bias):
+        z.mul_((m / n).to(z.dtype))
+        if bias is not None:
+            z.add_(bias)
+        ctx.mark_dirty(z)
+        ctx.save_for_backward(z, m, n, bias)
+        return z
+
+    @staticmethod
+    def backward(ctx, g):
+        y, m, n, bias = ctx.saved_tensors
+        z_scaled = y.float() if bias is None else y.float() - bias.float()
+        gm = (g.float() * z_scaled).reshape(-1, g.shape[-1]).sum(0) / m
+        return g * (m / n).to(g.dtype), gm.to(m.dtype), None, None
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -61,31 +61,35 @@ def _dora_reference(x, W, bias, A, B, m, s):
     return (m / V.norm(dim=1).detach()) * (x @ V.T) + (0 if bias is None else bias)
 
 
-@pytest.mark.parametrize("nf4", [False, True])
-def test_dora_gradients_equal_plain_autograd(nf4):
-    """Over nn.Linear (with a bias) and over NF4 (QDoRA, against the dequantized weight): the same output
-    and the same gradients for A, B, the magnitude and the input."""
+@pytest.mark.parametrize("nf4,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16),
+                                       (True, torch.bfloat16)])
+def test_dora_gradients_equal_plain_autograd(nf4, dtype):
+    """Over nn.Linear (with a bias) and over NF4 (QDoRA, against the dequantized weight), in fp32 and in
+    bf16 (against the same formula in fp32): the same output and gradients for A, B, the magnitude, the input."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 96, bias=not nf4)
-    base = NF4Linear.from_linear(lin) if nf4 else lin
+    base = NF4Linear.from_linear(lin, compute_dtype=dtype) if nf4 else lin.to(dtype)
     layer = LoRALinear(base, r=4, alpha=8, use_dora=True)
-    W = dequantize_nf4(base.state(), torch.float32) if nf4 else lin.weight.detach()
+    W = dequantize_nf4(base.state(), torch.float32) if nf4 else lin.weight.detach().float()
     torch.testing.assert_close(layer.lora_magnitude_vector.detach(), W.norm(dim=1))   # starts at ||W||
     with torch.no_grad():
         layer.lora_B.weight.normal_(0, 0.1)
         layer.lora_magnitude_vector.mul_(1.1)
     params = [layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector]
     ref_params = [p.detach().clone().requires_grad_() for p in params]
-    x = torch.randn(2, 5, 128, requires_grad=True)
-    xr = x.detach().clone().requires_grad_()
+    x = torch.randn(2, 5, 128).to(dtype).requires_grad_()
+    xr = x.detach().float().requires_grad_()
     y = layer(x)
-    yr = _dora_reference(xr, W, None if nf4 else lin.bias.detach(), *ref_params, layer.scaling)
-    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(y)
-    y.backward(g)
+    assert y.dtype == dtype
+    yr = _dora_reference(xr, W, None if nf4 else lin.bias.detach().float(), *ref_params, layer.scaling)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(y.float(), yr, **tol)
+    g = torch.randn_like(yr)
+    y.backward(g.to(dtype))
     yr.backward(g)
     for p, q in zip(params + [x], ref_params + [xr]):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
+        rel = (p.grad.float() - q.grad).norm() / q.grad.norm()
+        assert rel < (2e-6 if dtype == torch.float32 else 1e-2), rel   # measured: 3e-7, 5e-3
 
 
 def test_dora_norm_is_cached_until_the_adapter_changes():
