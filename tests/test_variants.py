@@ -61,13 +61,17 @@ def _dora_reference(x, W, bias, A, B, m, s):
     return (m / V.norm(dim=1).detach()) * (x @ V.T) + (0 if bias is None else bias)
 
 
-@pytest.mark.parametrize("nf4,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16),
-                                       (True, torch.bfloat16)])
-def test_dora_gradients_equal_plain_autograd(nf4, dtype):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+
+
+@pytest.mark.parametrize("nf4,dtype,device", [
+    (False, torch.float32, "cpu"), (True, torch.float32, "cpu"), (False, torch.bfloat16, "cpu"), (True, torch.bfloat16, "cpu"),
+    pytest.param(False, torch.bfloat16, "cuda", marks=CUDA), pytest.param(True, torch.bfloat16, "cuda", marks=CUDA)])
+def test_dora_gradients_equal_plain_autograd(nf4, dtype, device):
     """Over nn.Linear (with a bias) and over NF4 (QDoRA, against the dequantized weight), in fp32 and in
     bf16 (against the same formula in fp32): the same output and gradients for A, B, the magnitude, the input."""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(128, 96, bias=not nf4)
+    lin = torch.nn.Linear(128, 96, bias=not nf4, device=device)
     base = NF4Linear.from_linear(lin, compute_dtype=dtype) if nf4 else lin.to(dtype)
     layer = LoRALinear(base, r=4, alpha=8, use_dora=True)
     W = dequantize_nf4(base.state(), torch.float32) if nf4 else lin.weight.detach().float()
@@ -77,7 +81,7 @@ def test_dora_gradients_equal_plain_autograd(nf4, dtype):
         layer.lora_magnitude_vector.mul_(1.1)
     params = [layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector]
     ref_params = [p.detach().clone().requires_grad_() for p in params]
-    x = torch.randn(2, 5, 128).to(dtype).requires_grad_()
+    x = torch.randn(2, 5, 128, device=device).to(dtype).requires_grad_()
     xr = x.detach().float().requires_grad_()
     y = layer(x)
     assert y.dtype == dtype
