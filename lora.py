@@ -66,16 +66,23 @@ class LoRALinear(nn.Module):
         # DoRA's magnitude (peft's name and place: `<layer>.lora_magnitude_vector`), fp32 like A and B
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm()) if use_dora else None
 
-    @torch.no_grad()
-    def weight_norm(self) -> torch.Tensor:
-        """||W + s B A|| of each output row, in fp32 (out,). One dense fp32 copy of this layer's weight
-        exists while it runs; the result is kept until A, B or the magnitude change (their versions)."""
-        A, B = self.lora_A.weight, self.lora_B.weight
+    def _norm_key(self):
         m = getattr(self, "lora_magnitude_vector", None)
-        key = (A._version, B._version, None if m is None else m._version, id(self.base))
-        if self._norm_cache is not None and self._norm_cache[0] == key and not A.is_meta:
+        return (self.lora_A.weight._version, self.lora_B.weight._version, None if m is None else m._version, id(self.base))
+
+    def norm_is_cached(self) -> bool:
+        return self._norm_cache is not None and self._norm_cache[0] == self._norm_key() and not self.lora_A.weight.is_meta
+
+    @torch.no_grad()
+    def weight_norm(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """||W + s B A|| of each output row, in fp32 (out,). One dense fp32 copy of this layer's weight
+        exists while it runs (w, the caller's dequantized NF4 weight, is used up in place if it is fp32);
+        the result is kept until A, B or the magnitude change (their versions)."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        key = self._norm_key()
+        if self.norm_is_cached():
             return self._norm_cache[1]
-        w = self.dense_base(torch.float32)
+        w = self.dense_base(torch.float32) if w is None else w.float()
         w.addmm_(B.float(), A.float(), alpha=self.scaling)
         norm = torch.linalg.vector_norm(w, dim=1)
         self._norm_cache = (key, norm)
@@ -96,7 +103,10 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x):
-        y = self.base(x)
+        w = None   # QDoRA: one dequantization of the NF4 weight serves the matmul and, right after, the row norm
+        if self.use_dora and not self.merged and isinstance(self.base, NF4Linear) and not self.norm_is_cached():
+            w = self.base.dequantize()
+        y = self.base(x, w) if w is not None else self.base(x)
         if self.merged:
             return y
         p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
@@ -109,7 +119,7 @@ class LoRALinear(nn.Module):
         if bias is not None:
             y = y - bias
         y = _LoRAAdd.apply(y, x, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
-        return _RowScale.apply(y, self.lora_magnitude_vector, self.weight_norm(), bias)
+        return _RowScale.apply(y, self.lora_magnitude_vector, self.weight_norm(w), bias)
 
     def delta(self) -> torch.Tensor:
         """The dense update s * B @ A (out, in), in fp32; only merging needs it."""

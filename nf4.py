@@ -202,13 +202,13 @@ class _NF4Matmul(torch.autograd.Function):
     backward pass, which is the memory QLoRA exists to save; the frozen W needs no gradient."""
 
     @staticmethod
-    def forward(ctx, x, layer):
+    def forward(ctx, x, layer, weight=None):
         ctx.layer = layer   # the module holds only packed buffers; nothing of W's size is saved
-        return x @ layer.dequantize().T
+        return x @ (layer.dequantize() if weight is None else weight).T
 
     @staticmethod
     def backward(ctx, grad_y):
-        return grad_y @ ctx.layer.dequantize(), None
+        return grad_y @ ctx.layer.dequantize(), None, None
 
 
 class NF4Linear(nn.Module):
@@ -252,8 +252,9 @@ class NF4Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return dequantize_nf4(self.state(), self.compute_dtype)
 
-    def forward(self, x):
-        y = _NF4Matmul.apply(x.to(self.compute_dtype), self)
+    def forward(self, x, weight=None):
+        """weight: this layer's dequantize(), if the caller has it already (DoRA needs it for its norm)."""
+        y = _NF4Matmul.apply(x.to(self.compute_dtype), self, weight)
         return y + self.bias if self.bias is not None else y
 
     def nbytes(self) -> int:
