@@ -323,10 +323,9 @@ def loftq(weight: torch.Tensor, r: int, scaling: float, iters: int = 1) -> tuple
         s B_t A_t = best rank-r approximation of W - Q_t   (truncated SVD, split as sqrt of S each side)
 
     Returns (the NF4 state of Q_iters, A, B, errors): errors[0] = ||W - NF4(W)|| / ||W||, plain NF4's,
-    then ||W - Q_t - s B_t A_t|| / ||W|| for t = 1 .. iters. Q_1 is
-    QLoRA's own base, so with iters=1 only the adapter's start differs from QLoRA. Unlike peft's
-    loftq_init (A = R, B = L whatever alpha / r is), A and B are divided by sqrt(s), so the model
-    starts at Q + L R for any alpha."""
+    then ||W - Q_t - s B_t A_t|| / ||W|| for t = 1 .. iters. Q_1 is QLoRA's own base, so with iters=1
+    only the adapter's start differs from QLoRA. Unlike peft's loftq_init (A = R, B = L whatever
+    alpha / r is), A and B are divided by sqrt(s), so the model starts at Q + L R for any alpha."""
     w = weight.float()
     target, errors = w, []
     for t in range(iters):
@@ -401,26 +400,30 @@ def use_loftq_base(model: nn.Module, path, iters: int):
     if iters > 1 and not file.is_file():
         raise FileNotFoundError(f"{file}: missing; a LoftQ adapter of {iters} iterations is trained over the NF4 "
                                 "base saved beside it (copy the whole run folder)")
-    saved = safe_open(str(file), "pt") if iters > 1 else None
-    for name, m in lora_layers(model).items():
-        nf4 = isinstance(m.base, NF4Linear)
-        if m.lora_A.weight.is_meta or (nf4 and saved is None):
-            continue   # no weights (shape checks), or NF4(W) already
-        device = m.lora_A.weight.device
-        if saved is None:
-            state = quantize_nf4(m.base.weight.detach())
-        else:
+    layers = {n: m for n, m in lora_layers(model).items() if not m.lora_A.weight.is_meta}   # meta: shape checks
+    if iters == 1:   # Q = NF4(W): already there on an NF4 base
+        for m in layers.values():
+            if not isinstance(m.base, NF4Linear):
+                _set_base(m, quantize_nf4(m.base.weight.detach()))
+        return
+    with safe_open(str(file), "pt", device=str(next(iter(layers.values())).lora_A.weight.device) if layers else "cpu") as f:
+        for name, m in layers.items():
+            nf4 = isinstance(m.base, NF4Linear)
             state = dict(shape=(m.out_features, m.in_features), block_size=64,
                          dtype=m.base.orig_dtype if nf4 else m.base.weight.dtype,
-                         **{k: saved.get_tensor(f"{name}.{k}").to(device)
-                            for k in ("packed", "absmax", "nested_absmax", "offset")})
+                         **{k: f.get_tensor(f"{name}.{k}") for k in ("packed", "absmax", "nested_absmax", "offset")})
             state["offset"] = state["offset"].reshape(())
-        if nf4:
-            m.base = NF4Linear(state, m.base.bias, m.base.compute_dtype)
-        else:
-            with torch.no_grad():
-                m.base.weight.copy_(dequantize_nf4(state, torch.float32))
-        m._norm_cache = None
+            _set_base(m, state)
+
+
+def _set_base(m: LoRALinear, state: dict):
+    """An adapted layer's base becomes the NF4 weight `state`: as NF4 on an NF4 base, dequantized on a 16-bit one."""
+    if isinstance(m.base, NF4Linear):
+        m.base = NF4Linear(state, m.base.bias, m.base.compute_dtype)
+    else:
+        with torch.no_grad():
+            m.base.weight.copy_(dequantize_nf4(state, torch.float32))
+    m._norm_cache = None
 
 
 # ----------------------------------------------------------------------------------------------
