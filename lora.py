@@ -70,8 +70,9 @@ class LoRALinear(nn.Module):
         m = getattr(self, "lora_magnitude_vector", None)
         return (self.lora_A.weight._version, self.lora_B.weight._version, None if m is None else m._version, id(self.base))
 
-    def norm_is_cached(self) -> bool:
-        return self._norm_cache is not None and self._norm_cache[0] == self._norm_key() and not self.lora_A.weight.is_meta
+    def norm_is_cached(self, key=None) -> bool:
+        key = self._norm_key() if key is None else key
+        return self._norm_cache is not None and self._norm_cache[0] == key and not self.lora_A.weight.is_meta
 
     @torch.no_grad()
     def weight_norm(self, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,7 +81,7 @@ class LoRALinear(nn.Module):
         the result is kept until A, B or the magnitude change (their versions)."""
         A, B = self.lora_A.weight, self.lora_B.weight
         key = self._norm_key()
-        if self.norm_is_cached():
+        if self.norm_is_cached(key):
             return self._norm_cache[1]
         w = self.dense_base(torch.float32) if w is None else w.float()
         w.addmm_(B.float(), A.float(), alpha=self.scaling)
