@@ -217,11 +217,34 @@ def segment_attention(q, k, v, spans: torch.Tensor, gqa: bool):
     """Causal attention within each segment, on its own slice: no (T, T) mask is ever built, the fused
     kernels apply, and padding costs nothing (it gets zeros). spans: (segments, 3) rows of (row, start, end),
     a tensor rather than a list so that torch.compile sees one input, not a new constant every batch."""
+    if len(spans) and use_varlen(q):
+        # One flash call for every segment of every row: their tokens gathered into a (tokens, heads, hd)
+        # batch, cut by cumulative lengths, then put back in place (padding gets zeros).
+        B, H, T, D = q.shape
+        n = spans[:, 2] - spans[:, 1]
+        cu = F.pad(n.cumsum(0), (1, 0))
+        index = torch.arange(int(cu[-1])) + torch.repeat_interleave(spans[:, 0] * T + spans[:, 1] - cu[:-1], n)
+        index, cu = index.to(q.device, non_blocking=True), cu.to(q.device, torch.int32, non_blocking=True)
+        flat = lambda t: t.transpose(1, 2).reshape(B * T, t.shape[1], D).index_select(0, index)
+        y = varlen_attn(flat(q), flat(k), flat(v), cu, cu, T, T, window_size=(-1, 0), enable_gqa=gqa)
+        return q.new_zeros(B * T, H, D).index_copy(0, index, y).view(B, T, H, D).transpose(1, 2)
     y = q.new_zeros(q.shape)
     for b, s, e in spans.tolist():
         y[b:b + 1, :, s:e] = F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
                                                             v[b:b + 1, :, s:e], is_causal=True, enable_gqa=gqa)
     return y
+
+
+try:
+    from torch.nn.attention.varlen import varlen_attn   # flash attention over packed sequences, where torch has it
+except ImportError:
+    varlen_attn = None
+
+
+def use_varlen(q) -> bool:
+    """Flash's kernels need CUDA, 16-bit inputs, an Ampere or newer GPU and head_dim <= 256 (no CPU kernel)."""
+    return (varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 class FeedForward(nn.Module):

@@ -21,7 +21,8 @@ def project_imports(name: str) -> set[str]:
 
 def test_model_py_is_the_transformer_alone():
     assert project_imports("model") == set()
-    assert len((ROOT / "model.py").read_text().splitlines()) <= 350
+    # A sitting's read. Raised from 350 when attention gained flash's variable-length path for GPUs.
+    assert len((ROOT / "model.py").read_text().splitlines()) <= 380
 
 
 def test_no_import_cycle():

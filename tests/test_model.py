@@ -404,3 +404,54 @@ def test_generation_computes_logits_for_the_last_position_only(tiny_ckpt):
         for t in ids[3:12]:
             last = m(torch.tensor([[t]]), cache=cache, last_only=True)
     torch.testing.assert_close(last[:, -1], m(torch.tensor([ids[:12]]))[:, -1], atol=1e-5, rtol=0)
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size, enable_gqa):
+    """What torch's flash varlen_attn computes, written as a loop (it has no CPU kernel): causal
+    attention within each run of the packed (tokens, heads, hd) batch that cu_q cuts out."""
+    assert window_size == (-1, 0) and cu_q is cu_k and cu_q.dtype == torch.int32
+    bounds = cu_q.tolist()
+    assert max_q >= max(e - s for s, e in zip(bounds, bounds[1:]))
+    run = lambda t, s, e: t[s:e].transpose(0, 1)[None]   # (1, heads, length, hd)
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        run(q, s, e), run(k, s, e), run(v, s, e), is_causal=True, enable_gqa=enable_gqa)[0].transpose(0, 1)
+        for s, e in zip(bounds, bounds[1:])])
+
+
+def segment_attention_both_ways(device, dtype, monkeypatch):
+    """segment_attention's loop and its variable-length path, outputs and gradients, on odd segments
+    (rows with padding, a row of one segment, a one-token segment)."""
+    import model
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 13, 8, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 3, 13, 8, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    spans = torch.tensor([[0, 0, 5], [0, 5, 6], [0, 6, 11], [1, 0, 13]])
+    out = {}
+    for path in ("loop", "varlen"):
+        monkeypatch.setattr(model, "use_varlen", lambda q: path == "varlen")
+        y = model.segment_attention(q, k, v, spans, True)
+        (y.float() * torch.linspace(-1, 1, 8, device=device)).sum().backward()
+        out[path] = [y.detach()] + [t.grad for t in (q, k, v)]
+        q.grad = k.grad = v.grad = None
+    return out
+
+
+def test_varlen_segment_attention_equals_the_loop(monkeypatch):
+    """The gather into one packed batch and the scatter back (padding zeros, gradients through both)."""
+    import model
+    monkeypatch.setattr(model, "varlen_attn", reference_varlen)
+    out = segment_attention_both_ways("cpu", torch.float32, monkeypatch)
+    assert out["loop"][0][0, :, 11:].abs().max() == 0 == out["varlen"][0][0, :, 11:].abs().max()
+    for a, b in zip(out["loop"], out["varlen"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_varlen_segment_attention_on_cuda(monkeypatch):
+    """torch's own flash varlen kernel (bf16) against the per-segment SDPA loop, forward and backward."""
+    import model
+    if not model.use_varlen(torch.empty(1, 1, 1, 8, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("no flash varlen kernel on this GPU")
+    out = segment_attention_both_ways("cuda", torch.bfloat16, monkeypatch)
+    for a, b in zip(out["loop"], out["varlen"]):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
