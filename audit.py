@@ -45,6 +45,7 @@ from lora import ALL_TARGETS, load_adapter, merge_lora
 from formats import load_model, read_args
 from merge import requantize_nf4
 from model import ModelArgs
+from optim import device_state_bytes
 from score import mcnemar
 from train import LMHeadLoss, TrainConfig, accuracy, describe_accuracy, generation_set, make_batch
 
@@ -148,10 +149,10 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
         tensors += [(o, 1) for n, (i, o) in shapes.items() if n in targets]
     lora_params = sum(r * c for r, c in tensors) * a.n_layers
     adapters = grads = 4 * lora_params       # fp32 master weights and their gradients
-    if mode == "qlora":                      # 8-bit states; fp32 under 4096 elements
-        opt = a.n_layers * sum(8 * r * c if r * c < 4096 else 2 * r * c + 8 * -(-r * c // 256) for r, c in tensors)
-        if paged_device:
-            opt = max(2 * r * c + 8 * -(-r * c // 256) for r, c in tensors)
+    if mode == "qlora":   # 8-bit states in whole blocks, fp32 under 4096 elements; paged: two runs on the device
+        numels = [n for _ in range(a.n_layers) for name, (i, o) in shapes.items() if name in targets
+                  for n in (rank * i, o * rank) + ((o,) if dora else ())]   # the model's parameter order
+        opt = device_state_bytes(numels, paged=paged_device)
     else:
         opt = 8 * lora_params + 4 * len(tensors) * a.n_layers   # AdamW: exp_avg, exp_avg_sq and a step tensor
     tokens = tokens or batch * seq
