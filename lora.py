@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fsdp import full
 from nf4 import NF4Linear, dequantize_nf4, quantize_nf4
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -447,6 +448,8 @@ def base_fingerprint(model: nn.Module) -> str | None:
     """A short hash of the base model: its shape and a few weights that no quantization touches (the
     final norm, the first block's norms, the first rows of the embedding), each rounded to bf16 so the
     same checkpoint loaded in fp32 or bf16, with a 16-bit or an NF4 base, gives the same value."""
+    if getattr(model, "fingerprint", None):   # taken before --fsdp sharded the blocks
+        return model.fingerprint
     import hashlib
     h = hashlib.sha256()
     a = getattr(model, "args", None)
@@ -462,19 +465,29 @@ def base_fingerprint(model: nn.Module) -> str | None:
     return h.hexdigest()[:16]
 
 
-def save_adapter(model: nn.Module, out, base_name: str = ""):
+def adapter_tensors(model: nn.Module) -> dict:
+    """The adapter's tensors under peft's names, fp32 on the CPU. Under --fsdp each is gathered whole from
+    the ranks, one at a time: every rank must call this."""
+    tensors = {}
+    for name, m in lora_layers(model).items():
+        kinds = ("lora_A", "lora_B") + (("lora_magnitude_vector",) if m.use_dora else ())
+        for kind in kinds:
+            t = getattr(m, kind)
+            t = t.weight if isinstance(t, nn.Module) else t
+            key = f"{PEFT_PREFIX}{name}.{kind}" + (".weight" if kind != "lora_magnitude_vector" else "")
+            tensors[key] = full(t.detach()).float().contiguous().cpu()
+    return tensors
+
+
+def save_adapter(model: nn.Module, out, base_name: str = "", tensors: dict | None = None):
     """adapter_config.json + adapter_model.safetensors, each written to a temporary name then renamed
     (a failed write leaves the old files as they were). The base's fingerprint goes in the safetensors
-    metadata, which peft ignores, so the adapter cannot be merged into another base unnoticed."""
+    metadata, which peft ignores, so the adapter cannot be merged into another base unnoticed.
+    tensors: adapter_tensors(model), where the caller has them already (--fsdp gathers them on every rank)."""
     from safetensors.torch import save_file
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, m in lora_layers(model).items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().cpu()
-        if m.use_dora:
-            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().float().cpu()
+    tensors = adapter_tensors(model) if tensors is None else tensors
     tmp_st, tmp_cfg = out / "adapter_model.safetensors.tmp", out / "adapter_config.json.tmp"
     try:
         meta = {"format": "pt", "base_fingerprint": base_fingerprint(model)}

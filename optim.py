@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from fsdp import local
 from nf4 import DYNAMIC_SIGNED, DYNAMIC_UNSIGNED, dequantize_blockwise, quantize_blockwise
 
 BLOCK = 256
@@ -93,7 +94,9 @@ class AdamW8bit(torch.optim.Optimizer):
         pin = self.paged and any(p.is_cuda for p in params)
         size = {"8bit": 0, "32bit": 0}
         for p in params:
-            kind, n = slot(p.numel(), self.min_8bit_size)
+            kind = slot(p.numel(), self.min_8bit_size)[0]   # the whole tensor's size decides, on every rank alike
+            n = local(p).numel()                              # this rank's part of it under --fsdp
+            n = -(-n // BLOCK) * BLOCK if kind == "8bit" else n
             self.slots[p] = (kind, size[kind], n)
             size[kind] += n
         zeros = lambda n, dt: torch.zeros(n, dtype=dt, device=home, pin_memory=pin)
@@ -111,7 +114,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _views(self, p) -> dict:
         kind, o, n = self.slots[p]
-        f = self.flat[kind]
+        f, p = self.flat[kind], local(p)   # under --fsdp: this rank's shard
         if kind == "32bit":
             return {k: f[k][o:o + n].view(p.shape) for k in FP32}
         blocks = slice(o // BLOCK, (o + n) // BLOCK)
@@ -173,10 +176,10 @@ class AdamW8bit(torch.optim.Optimizer):
         with torch.cuda.stream(side):
             return {k: t.to(p.device, non_blocking=True) for k, t in states.items()}
 
-    def _flatten(self, tensors) -> torch.Tensor:
-        """fp32 (run length,) of the run's tensors, each zero-padded to its slot; a lone fp32 tensor that fills
-        its slot is its own view (updated in place: no copy)."""
-        pads = [slot(t.numel(), self.min_8bit_size)[1] - t.numel() for t in tensors]
+    def _flatten(self, tensors, params) -> torch.Tensor:
+        """fp32 (run length,) of the run's tensors, each zero-padded to its parameter's slot; a lone fp32 tensor
+        that fills its slot is its own view (updated in place: no copy)."""
+        pads = [self.slots[p][2] - t.numel() for t, p in zip(tensors, params)]
         if len(tensors) == 1 and not pads[0] and tensors[0].dtype == torch.float32 and tensors[0].is_contiguous():
             return tensors[0].view(-1)
         parts = []
@@ -190,8 +193,9 @@ class AdamW8bit(torch.optim.Optimizer):
             self.state[p]["step"] = t
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         b1, b2 = group["betas"]
-        g = self._flatten([p.grad for p in params])
-        pf = self._flatten(params)
+        shards = [local(p) for p in params]   # under --fsdp: this rank's parts; else the parameters
+        g = self._flatten([local(p.grad) for p in params], params)
+        pf = self._flatten(shards, params)
         eight_bit = kind == "8bit"
         if eight_bit:
             m = dequantize_blockwise(s["m_codes"], s["m_absmax"], DYNAMIC_SIGNED, BLOCK)
@@ -210,10 +214,10 @@ class AdamW8bit(torch.optim.Optimizer):
         else:
             # bitsandbytes' 32-bit kernel folds the bias corrections into the step size; same here.
             pf.add_(m / (v.sqrt() + eps * c2), alpha=-lr * c2 / c1)
-        if pf.data_ptr() != params[0].data_ptr():   # a copy: put each parameter's part back, in one call
+        if pf.data_ptr() != shards[0].data_ptr():   # a copy: put each parameter's part back, in one call
             o0 = self.slots[params[0]][1]
-            parts = [pf[self.slots[p][1] - o0:][:p.numel()].view(p.shape) for p in params]
-            torch._foreach_copy_(params, parts)
+            parts = [pf[self.slots[p][1] - o0:][:x.numel()].view(x.shape) for p, x in zip(params, shards)]
+            torch._foreach_copy_(shards, parts)
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for f in self.flat.values() for t in f.values())

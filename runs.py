@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from formats import load_state, save_state
-from lora import base_fingerprint, check_base, save_adapter
+from fsdp import full, local, set_full, shard_like
+from lora import adapter_tensors, base_fingerprint, check_base, save_adapter
 
 
 class Diverged(RuntimeError):
@@ -42,8 +43,8 @@ CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "pure-qlora training checkpoint, version 1"
 # What must not change between a run and its --resume: the data order, the adapter's shape, the batch.
 RESUME_KEYS = ("model", "data", "rank", "targets", "qlora", "seq_len", "batch_size", "grad_accum", "seed", "dora",
-               "init", "loftq_iters")
-OLDER_RUNS = dict(dora=False, init="kaiming", loftq_iters=1)   # what checkpoints from before these flags ran
+               "init", "loftq_iters", "fsdp")
+OLDER_RUNS = dict(dora=False, init="kaiming", loftq_iters=1, fsdp=False)   # what checkpoints from before these flags ran
 
 
 @dataclass
@@ -105,6 +106,7 @@ def save(run: Run, model, opt, step: int):
     the checkpoint goes to a temporary name and replaces the old one only once the adapter is written too.
     Every rank takes part (the RNG states are gathered); rank 0 writes."""
     tensors, meta = checkpoint_state(run, model, opt, step)
+    adapter = adapter_tensors(model)   # every rank: under --fsdp it is gathered from all of them
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise Diverged(f"after step {step} {bad[0]} (and {len(bad) - 1} more) holds values that are not finite: "
@@ -113,7 +115,7 @@ def save(run: Run, model, opt, step: int):
         tmp = run.out / (CHECKPOINT + ".tmp")
         try:
             save_state(tmp, tensors, meta)
-            save_adapter(model, run.out, base_name=run.cfg.model)
+            save_adapter(model, run.out, base_name=run.cfg.model, tensors=adapter)
             os.replace(tmp, run.out / CHECKPOINT)
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -129,14 +131,19 @@ def last_good(run: Run) -> str:
 
 def checkpoint_state(run: Run, model, opt, step: int) -> tuple[dict, dict]:
     """(tensors, JSON-able rest) of everything --resume needs."""
-    tensors = {f"adapter.{k}": v for k, v in model.state_dict().items() if "lora_" in k}
-    osd, scalars = opt.state_dict(), {}
+    tensors = {f"adapter.{k}": full(v).cpu() for k, v in model.state_dict().items() if "lora_" in k}
+    osd, scalars, mine = opt.state_dict(), {}, {}
     for i, st in osd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"optimizer.{i}.{k}"] = v
+                mine[f"optimizer.{i}.{k}"] = local(v).cpu()
             else:
                 scalars.setdefault(str(i), {})[k] = v
+    if run.cfg.fsdp and run.world > 1:   # each rank's optimizer holds the states of its own shards
+        every = [None] * run.world
+        dist.all_gather_object(every, mine)   # between our own processes; the file holds tensors only
+        mine = {f"rank{r}.{k}": v for r, part in enumerate(every) for k, v in part.items()}
+    tensors.update(mine)
     states = {"cpu": torch.get_rng_state()}
     if run.device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(run.device)
@@ -181,19 +188,24 @@ def resume(run: Run, model, opt) -> int:
         for k, v in adapters.items():
             if v.shape != named[k].shape:
                 raise ValueError(f"{k} has shape {tuple(v.shape)}, the model's is {tuple(named[k].shape)}")
-        state = {}
+        state, own = {}, f"rank{run.rank}." if cfg.fsdp and run.world > 1 else ""
         for k, v in tensors.items():
-            if k.startswith("optimizer."):
-                _, i, key = k.split(".", 2)
+            if k.startswith(own + "optimizer."):
+                _, i, key = k[len(own):].split(".", 2)
                 state.setdefault(int(i), {})[key] = v
         for i, d in meta["optimizer"]["scalars"].items():
             state.setdefault(int(i), {}).update(d)
         groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
                   for g in meta["optimizer"]["param_groups"]]
         opt.load_state_dict(dict(state=state, param_groups=groups))
+        if cfg.fsdp:   # torch's AdamW keeps sharded states like its sharded parameters
+            for p in opt.state:
+                for k, v in opt.state[p].items():
+                    if torch.is_tensor(v) and v.dim() and v.shape == local(p).shape:
+                        opt.state[p][k] = shard_like(p, v)
         with torch.no_grad():
             for k, v in adapters.items():
-                named[k].copy_(v)
+                set_full(named[k], v)
         if "grad_scaler" in meta and run.scaler is not None:
             run.scaler.load_state_dict(meta["grad_scaler"])
         torch.set_rng_state(tensors[f"rng.cpu.{run.rank}"])

@@ -47,8 +47,9 @@ import torch.distributed as dist
 from data import (IGNORE, check_eos, collate, collate_packed, encode_chat, encode_example, load_examples,
                   load_tokenizer, pack, prompt_format, show_example)
 from formats import gpu_dtype, load_model
+from fsdp import full, is_sharded, local, local_base_bytes, shard_blocks
 from generate import generate_batch
-from lora import apply_loftq, apply_lora, lora_layers, lora_scaling, loftq_quantizer, save_loftq_base, use_loftq_base
+from lora import apply_loftq, apply_lora, base_fingerprint, lora_layers, lora_scaling, loftq_quantizer, save_loftq_base, use_loftq_base
 from nf4 import NF4Linear, place_tables
 from optim import AdamW8bit
 from runs import Diverged, Metrics, Run, SaveFailed, StopSignals, atomic_write, check_out_dir, last_good, resume, save
@@ -93,6 +94,7 @@ class TrainConfig:
     save_every: int = 0             # save adapter + checkpoint every N steps (0 = only at the end)
     log_every: int = 1              # progress line every N steps
     grad_checkpoint: bool = False   # recompute each block in backward to save activation memory
+    fsdp: bool = False              # under torchrun: shard each block's base and adapters over the ranks (FSDP2), each keeping 1/N, for models one GPU cannot hold
     compile: bool = False           # torch.compile each block (one compilation serves every layer; the first two steps pay for it)
     resume: bool = False            # continue the run in --out from its checkpoint
     stop_after: int = 0             # stop after this many steps with a resumable checkpoint (0 = run to the end)
@@ -138,6 +140,8 @@ def start(cfg: TrainConfig) -> Run:
         raise ValueError(f"--loftq-iters {cfg.loftq_iters}: at least 1")
     if not 0 < cfg.cpu_mmap_kb <= 32 << 10:
         raise ValueError(f"--cpu-mmap-kb {cfg.cpu_mmap_kb}: choose 1 to 32768 (glibc's largest mmap threshold is 32 MB)")
+    if cfg.fsdp and (cfg.dora or cfg.compile):
+        raise ValueError(f"--fsdp with --{'dora' if cfg.dora else 'compile'} is not supported yet")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device, dtype = pick_device_dtype(cfg)
     if device.type == "cuda":   # always: streams and synchronize() use the current device
@@ -265,6 +269,8 @@ def accuracy(model, tok, items: list[Question], cfg: TrainConfig) -> dict:
     Answers are greedy generations, or with loglik the choice of highest log-probability. Under torchrun
     each rank answers every world-th question and all ranks get every answer."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if is_sharded(model):   # --fsdp: each token's forward gathers weights from all ranks, so every rank answers all
+        rank, world = 0, 1
     mine, answers = items[rank::world], []
     model.eval()
     if cfg.eval_metric == "loglik":
@@ -326,7 +332,8 @@ def build_model(run: Run):
         quantize = loftq_quantizer(targets, cfg.rank, lora_scaling(cfg.rank, cfg.alpha, cfg.rslora), cfg.loftq_iters,
                                    found)
     t0 = time.perf_counter()
-    model = load_model(cfg.model, run.dtype, quantize=quantize, device=run.device)
+    # --fsdp: the base is read into host memory and each rank moves only its shards to the device
+    model = load_model(cfg.model, run.dtype, quantize=quantize, device="cpu" if cfg.fsdp else run.device)
     load_peak = peak_memory(run.device)   # quantizing as weights stream in has a peak of its own
     if cfg.seq_len > model.args.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} is above the model's limit of {model.args.max_seq_len} tokens")
@@ -341,6 +348,15 @@ def build_model(run: Run):
     elif cfg.init == "loftq":
         model.lora_config["loftq_iters"] = cfg.loftq_iters
         use_loftq_base(model, run.out, cfg.loftq_iters)   # the base the checkpoint's adapter was trained over
+    if cfg.fsdp:
+        model.fingerprint = base_fingerprint(model)   # read before its tensors become pieces on each rank
+        shard_blocks(model, run.device)
+        held = [local_base_bytes(model)] * run.world
+        if run.world > 1:
+            dist.all_gather_object(held, held[0])
+        info["base_bytes_per_rank"] = held
+        run.log(f"--fsdp: blocks sharded over {run.world} rank(s), holding {', '.join(f'{b / 2**20:.2f}' for b in held)} "
+                f"MB of the base (embeddings, norms and lm_head whole on each)")
     if run.rank:   # rank 0 keeps the seed's stream (one process gives the same run with or without torchrun);
         torch.manual_seed(cfg.seed + 1_000_003 * run.rank)   # the others draw their own dropout masks
     model.grad_checkpoint = cfg.grad_checkpoint
@@ -483,14 +499,19 @@ def sum_gradients(run: Run, params, loss, stop: bool):
     so that every rank logs the same loss and stops at the same step."""
     if run.world == 1:
         return loss, stop
+    if not run.cfg.fsdp:   # FSDP has reduce-scattered each block's gradients in backward already
+        all_reduce_gradients(params)
+    both = run.sum(torch.stack([loss, torch.tensor(float(stop), dtype=loss.dtype, device=loss.device)]))
+    return both[0], bool(both[1] > 0)
+
+
+def all_reduce_gradients(params):
     flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat)
     off = 0
     for p in params:
         p.grad.copy_(flat[off:off + p.numel()].view_as(p))
         off += p.numel()
-    both = run.sum(torch.stack([loss, torch.tensor(float(stop), dtype=loss.dtype, device=loss.device)]))
-    return both[0], bool(both[1] > 0)
 
 
 def status_bytes(field: str) -> int:
@@ -507,16 +528,16 @@ def peak_memory(device) -> int:
 
 
 def memory_breakdown(model, opt) -> dict:
-    """Bytes of each kind of live tensor, counted from the real tensors."""
+    """Bytes of each kind of live tensor, counted from the real tensors (this rank's parts under --fsdp)."""
     lora = [p for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight, m.lora_magnitude_vector)
             if p is not None]
     ids = {id(p) for p in lora}
-    base = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids)
-    base += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, NF4Linear) for b in m.buffers())
-    adapters = sum(p.numel() * p.element_size() for p in lora)
+    size = lambda t: local(t).numel() * t.element_size()
+    base = sum(size(p) for p in model.parameters() if id(p) not in ids)
+    base += sum(size(b) for m in model.modules() if isinstance(m, NF4Linear) for b in m.buffers())
+    adapters = sum(size(p) for p in lora)
     state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
-    return dict(base_weights=base, adapters=adapters, gradients=adapters,
-                optimizer_states=sum(t.numel() * t.element_size() for t in state))
+    return dict(base_weights=base, adapters=adapters, gradients=adapters, optimizer_states=sum(size(t) for t in state))
 
 
 def runtime_bytes(model, opt) -> int:
@@ -547,8 +568,12 @@ def train(cfg: TrainConfig) -> dict:
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(train_ex) / per_step))
     flat = run.device.type == "cpu"
     eb = cfg.batch_size
-    eval_batches = [make_batch(eval_ex[i:i + eb], cfg, run.device, flat)
-                    for i in range(run.rank * eb, len(eval_ex), eb * run.world)]
+    starts = list(range(0, len(eval_ex), eb))
+    eval_batches = [make_batch(eval_ex[i:i + eb], cfg, run.device, flat) for i in starts[run.rank::run.world]]
+    if cfg.fsdp and starts:   # as many forwards on every rank (FSDP's gathers are collectives): extra ones with no targets
+        first = make_batch(eval_ex[:eb], cfg, run.device, flat)
+        no_targets = first._replace(where=first.where[:0], targets=first.targets[:0])
+        eval_batches += [no_targets] * (-(-len(starts) // run.world) - len(eval_batches))
     # Nothing is written before this point: bad input has stopped us with the directory untouched.
     if run.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
@@ -592,7 +617,7 @@ def train(cfg: TrainConfig) -> dict:
             loss, stop_vote = sum_gradients(run, params, loss, stop.requested is not None)
             run.scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            loss, gnorm = loss.item(), gnorm.item()
+            loss, gnorm = loss.item(), full(gnorm).item()
             skipped = run.scaler.is_enabled() and not math.isfinite(gnorm)   # fp16 overflow: a smaller scale next
             if not math.isfinite(loss) or not (math.isfinite(gnorm) or skipped):
                 raise Diverged(f"step {step + 1}: the loss is {loss} and the gradient norm {gnorm}: training "
@@ -636,7 +661,8 @@ def train(cfg: TrainConfig) -> dict:
                        device=str(run.device),
                        dtype=str(run.dtype).replace("torch.", ""), trainable=info["trainable"], total_params=info["total"],
                        memory=memory_breakdown(model, opt), runtime_rss=runtime_rss, out=str(run.out),
-                       tokens_per_step=tokens * run.world / max(1, step - first), max_padded_tokens_per_micro_batch=max_micro)
+                       tokens_per_step=tokens * run.world / max(1, step - first), max_padded_tokens_per_micro_batch=max_micro,
+                       **({"base_bytes_per_rank": info["base_bytes_per_rank"]} if cfg.fsdp else {}))
         if step < total:
             save(run, model, opt, step)
             run.log(f"stopped ({stopped}): checkpoint saved at step {step} in {run.out}; continue with the same "

@@ -1,0 +1,133 @@
+"""--fsdp under torchrun (gloo on CPU): FSDP2 shards each block's base and adapters over the ranks, and training
+gives what one process gives with the same global batch."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import _adapter, _cfg
+from train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def torchrun(world, port, args, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port),
+           *extra, str(ROOT / "train.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def cli_args(tiny_run, out, batch, steps, **flags):
+    model, data = tiny_run
+    args = ["--model", model, "--data", data, "--out", out, "--eval-examples", 8, "--max-steps", steps,
+            "--batch-size", batch, "--seq-len", 64, "--lr", 5e-3, "--warmup-steps", 1, "--dropout", 0,
+            "--dtype", "float32", "--device", "cpu", "--log-every", 100, "--fsdp"]
+    for k, v in flags.items():
+        args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [v])
+    return args
+
+
+def assert_same_adapter(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("world,qlora,ckpt", [(3, False, True), (2, True, False), (3, True, True)])
+def test_fsdp_equals_one_process(tiny_run, tmp_path, world, qlora, ckpt):
+    """6 examples per step in all: one process with batch 6, or `world` ranks with 6 / world each. Shards are
+    uneven at world 3 (64 rows, r = 8, NF4 codes of 2048 bytes over 3 ranks). The same adapter (in peft's
+    format, written once), losses and eval loss; each rank holds its part of the base."""
+    flags = dict(qlora=qlora, grad_checkpoint=ckpt)
+    one = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "one"), batch_size=6, max_steps=3, **flags))
+    r = torchrun(world, 29540 + world + 2 * qlora, cli_args(tiny_run, tmp_path / "fsdp", 6 // world, 3,
+                                                            **{k: True for k, v in flags.items() if v}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_adapter(_adapter(one["out"]), _adapter(tmp_path / "fsdp"))
+    s = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert s["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert s["eval_loss_after"] == pytest.approx(one["eval_loss_after"], rel=1e-5)
+    held = s["base_bytes_per_rank"]
+    assert len(held) == world and r.stdout.count("--fsdp: blocks sharded") == 1
+    whole = held_by_one(tiny_run, qlora)   # what one process holds: every block whole
+    blocks, rest = whole
+    # each rank: the unsharded rest plus its rows of the blocks, ~1/N (22, 21, 21 of 64 rows at world 3),
+    # the parts adding up to the blocks exactly (nothing held twice)
+    assert sum(h - rest for h in held) == blocks
+    assert all(abs((h - rest) / blocks - 1 / world) <= 0.02 for h in held), (held, rest, blocks)
+
+
+def held_by_one(tiny_run, qlora):
+    """(bytes of the blocks' frozen tensors, bytes of the rest of the base) of the tiny model, one process."""
+    from formats import load_model
+    from lora import apply_lora
+    m = load_model(tiny_run[0], torch.float32, quantize="nf4" if qlora else None, device="cpu")
+    apply_lora(m, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 8, 16)
+    frozen = lambda mod: sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers())
+                             if not t.requires_grad)
+    blocks = sum(frozen(b) for b in m.model.layers)
+    nested = sum(t.numel() * t.element_size() for b in m.model.layers for n, t in b.named_buffers()
+                 if n.endswith(("nested_absmax", "offset")))   # small fp32 scales FSDP leaves whole
+    return blocks - nested, frozen(m) - blocks + nested
+
+
+WORKER = '''
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from torch.distributed.tensor import DTensor
+from formats import load_model
+from fsdp import local, shard_blocks
+from lora import apply_lora
+dist.init_process_group("gloo")
+m = load_model(sys.argv[2], torch.float32, quantize="nf4", device="cpu")
+apply_lora(m, ["q_proj", "v_proj", "down_proj"], 8, 16)
+shard_blocks(m, torch.device("cpu"))
+q = m.model.layers[0].self_attn.q_proj.base
+seen = []
+m.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda mod, a: seen.append(type(mod.base.packed)))
+m(torch.randint(0, 300, (1, 9))).sum().backward()
+# inside forward the codes were whole; after it (and after backward) each rank keeps its part again
+row = [seen[0].__name__, type(q.packed).__name__, local(q.packed).numel(), q.packed.numel(),
+       local(m.model.layers[1].mlp.down_proj.lora_A.weight).shape[0]]
+open(f"{sys.argv[3]}/rank{dist.get_rank()}.json", "w").write(json.dumps(row))
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp_gathers_a_block_for_its_forward_and_frees_it_after(tiny_run, tmp_path):
+    """World 3: inside forward a layer sees its packed NF4 codes whole (a plain tensor); before and after,
+    each rank holds a third of them (FSDP2's reshard after forward), uneven shards of the r = 8 rows."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", "29551",
+           str(script), str(ROOT), str(tiny_run[0]), str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(3)]
+    for inside, after, mine, whole, _ in rows:
+        assert inside in ("Tensor", "Parameter") and after == "DTensor"
+        assert mine in (whole // 3, -(-whole // 3))
+    assert sum(r[2] for r in rows) == rows[0][3]
+    assert sorted(r[4] for r in rows) == [2, 3, 3]   # 8 rows of lora_A over 3 ranks
+
+
+def test_fsdp_resume_is_exact(tiny_run, tmp_path):
+    """QLoRA at world 2: stopped after 3 of 6 steps (each rank's optimizer shards in the one checkpoint),
+    then --resume: the adapter one process gets in 6 steps."""
+    one = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "one"), batch_size=6, max_steps=6, qlora=True))
+    args = cli_args(tiny_run, tmp_path / "fsdp", 3, 6, qlora=True)
+    r = torchrun(2, 29553, args + ["--stop-after", 3])   # torchrun reports a worker's exit 75 as a failure
+    assert "stopped (--stop-after): checkpoint saved at step 3" in r.stdout, r.stderr[-3000:]
+    from formats import load_state
+    tensors, meta = load_state(tmp_path / "fsdp" / "checkpoint.safetensors")
+    assert meta["world"] == 2 and {k.split(".")[0] for k in tensors if ".optimizer." in k} == {"rank0", "rank1"}
+    r = torchrun(2, 29554, args + ["--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_adapter(_adapter(one["out"]), _adapter(tmp_path / "fsdp"))
+    s = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert s["losses"] == pytest.approx(one["losses"][3:], rel=1e-5)
