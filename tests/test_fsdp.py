@@ -42,16 +42,19 @@ def assert_same_adapter(a, b):
 def test_fsdp_equals_one_process(tiny_run, tmp_path, world, qlora, ckpt):
     """6 examples per step in all: one process with batch 6, or `world` ranks with 6 / world each. Shards are
     uneven at world 3 (64 rows, r = 8, NF4 codes of 2048 bytes over 3 ranks). The same adapter (in peft's
-    format, written once), losses and eval loss; each rank holds its part of the base."""
+    format, written once), losses, eval loss and generated answers; each rank holds its part of the base."""
     flags = dict(qlora=qlora, grad_checkpoint=ckpt)
-    one = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "one"), batch_size=6, max_steps=3, **flags))
-    r = torchrun(world, 29540 + world + 2 * qlora, cli_args(tiny_run, tmp_path / "fsdp", 6 // world, 3,
+    gen = dict(eval_generate=5, eval_max_new_tokens=4)
+    one = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "one"), batch_size=6, max_steps=3, **flags, **gen))
+    r = torchrun(world, 29540 + world + 2 * qlora, cli_args(tiny_run, tmp_path / "fsdp", 6 // world, 3, **gen,
                                                             **{k: True for k, v in flags.items() if v}))
     assert r.returncode == 0, r.stderr[-3000:]
+    answers = json.loads((Path(one["out"]) / "summary.json").read_text())["accuracy_after"]
     assert_same_adapter(_adapter(one["out"]), _adapter(tmp_path / "fsdp"))
     s = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert s["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert s["eval_loss_after"] == pytest.approx(one["eval_loss_after"], rel=1e-5)
+    assert s["accuracy_after"]["n"] == 5 and s["accuracy_after"]["correct"] == answers["correct"]
     held = s["base_bytes_per_rank"]
     assert len(held) == world and r.stdout.count("--fsdp: blocks sharded") == 1
     whole = held_by_one(tiny_run, qlora)   # what one process holds: every block whole
@@ -131,3 +134,17 @@ def test_fsdp_resume_is_exact(tiny_run, tmp_path):
     assert_same_adapter(_adapter(one["out"]), _adapter(tmp_path / "fsdp"))
     s = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert s["losses"] == pytest.approx(one["losses"][3:], rel=1e-5)
+
+
+def test_fsdp_two_nodes_equal_one(tiny_run, tmp_path):
+    """Two torchrun launches, one process each, joined by a local rendezvous as two nodes would be:
+    nothing assumes one node, and the run equals one process with the same global batch."""
+    one = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "one"), batch_size=6, max_steps=3, qlora=True))
+    args = cli_args(tiny_run, tmp_path / "nodes", 3, 3, qlora=True)
+    node = lambda k: [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                      "--node-rank", str(k), "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29571",
+                      "--rdzv-id", "two-nodes", str(ROOT / "train.py"), *map(str, args)]
+    procs = [subprocess.Popen(node(k), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for k in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert_same_adapter(_adapter(one["out"]), _adapter(tmp_path / "nodes"))
