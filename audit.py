@@ -120,7 +120,8 @@ def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8
 
 def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8, targets=ALL_TARGETS,
                     grad_checkpoint: bool = False, dtype_bytes: int = 2, paged_device: bool = False,
-                    tokens: int | None = None, packed: bool = False, dora: bool = False) -> dict:
+                    tokens: int | None = None, packed: bool = False, dora: bool = False, fsdp: int = 1,
+                    cpu_offload: bool = False) -> dict:
     """Predicted peak bytes by kind for LoRA ('lora') or QLoRA ('qlora') training (DoRA: dora=True;
     LoftQ trains exactly as QLoRA does).
 
@@ -131,8 +132,11 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
     temporaries.
     tokens = real tokens in a micro-batch (default batch * seq); packed = rows hold several examples
     (train.py on CPU, or --pack). paged_device: QLoRA's paged
-    optimizer states live in host memory, not on the GPU. Not counted: the runtime (Python and
-    libraries, a CUDA context) and allocator slack; the audit measures the first on CPU."""
+    optimizer states live in host memory, not on the GPU. fsdp = N: per rank under --fsdp with N ranks
+    (each holds 1/N of the blocks' weights, adapters, gradients and states, the embeddings, final norm and
+    lm_head whole, and two blocks gathered whole: the one computing and the next, which FSDP2 prefetches);
+    cpu_offload: the shards live in host memory, the GPU holds only what is gathered. Not counted: the
+    runtime (Python and libraries, a CUDA context) and allocator slack; the audit measures the first on CPU."""
     b = dtype_bytes
     shapes = linear_shapes(a)
     lin = sum(i * o for i, o in shapes.values()) * a.n_layers
@@ -175,6 +179,12 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
     block = tokens * 4 * a.intermediate_size * b + max(widest * b if mode == "qlora" else 0, widest * 4 if dora else 0)
     out = dict(base_weights=int(base), adapters=int(adapters), gradients=int(grads), optimizer_states=int(opt),
                activations=int(act), transient=int(max(lm_head, block)))
+    if fsdp > 1 or cpu_offload:
+        root = (a.vocab_size * a.dim * (1 if a.tie_embeddings else 2) + a.dim) * b   # not sharded
+        share = 0 if cpu_offload else 1 / fsdp
+        per_block = (base - root + 2 * adapters) / a.n_layers   # a block's base, adapters and their gradients
+        out = dict(out, base_weights=int(root + (base - root) * share), adapters=int(adapters * share),
+                   gradients=int(grads * share), optimizer_states=int(opt * share), gathered_blocks=int(2 * per_block))
     out["total"] = sum(out.values())
     return out
 
@@ -249,6 +259,10 @@ def main(argv=None):
     p.add_argument("--estimate-only", action="store_true", help="only print the memory estimate (no training)")
     p.add_argument("--preset", choices=list(MODEL_PRESETS), help="model for --estimate-only (or --config)")
     p.add_argument("--config", help="a config.json for --estimate-only")
+    p.add_argument("--fsdp", type=int, default=1, metavar="N",
+                   help="--estimate-only: per rank when train.py --fsdp shards the blocks over N ranks")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="--estimate-only with --fsdp: the shards in host memory, only the gathered blocks on the GPU")
     p.add_argument("--kl-tokens", type=int, default=2048, help="target tokens over which KL is measured")
     p.add_argument("--variants", default="lora,qlora",
                    help="what to train and compare, from " + ", ".join(f"{k} ({v[1]}: train.py {' '.join(v[0]) or 'alone'})"
@@ -275,8 +289,10 @@ def main(argv=None):
         args = preset_args(a.preset) if a.preset else ModelArgs.from_hf_config(json.loads(Path(a.config).read_text()))
         for mode in ("lora", "qlora"):
             e = estimate_memory(args, mode, cfg.batch_size, cfg.seq_len, cfg.rank, cfg.targets.split(","),
-                                cfg.grad_checkpoint, 2, paged_device=True, packed=cfg.pack)
-            print(f"{mode:6s} " + ", ".join(f"{k} {v / 2**30:.2f} GB" for k, v in e.items()))
+                                cfg.grad_checkpoint, 2, paged_device=True, packed=cfg.pack, fsdp=a.fsdp,
+                                cpu_offload=a.cpu_offload)
+            print(f"{mode:6s} " + ", ".join(f"{k} {v / 2**30:.2f} GB" for k, v in e.items())
+                  + (f" (per rank of {a.fsdp})" if a.fsdp > 1 else ""))
         return
 
     out = Path(a.out)

@@ -54,11 +54,12 @@ def is_sharded(model) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def shard_blocks(model, device: torch.device) -> None:
-    """fully_shard every block of `model` over all ranks of the default process group, onto `device`; the
-    rest of the model moves to `device` whole."""
+def shard_blocks(model, device: torch.device, cpu_offload: bool = False) -> None:
+    """fully_shard every block of `model` over all ranks of the default process group, onto `device` (or,
+    cpu_offload, into host memory, copied to the GPU only while gathered: FSDP2's CPUOffloadPolicy; the
+    optimizer then steps on the CPU); the rest of the model moves to `device` whole."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
     for m in model.modules():
         if isinstance(m, NF4Linear):
             for name in ("packed", "absmax"):
@@ -66,10 +67,13 @@ def shard_blocks(model, device: torch.device) -> None:
                 m.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
     mesh = init_device_mesh(device.type, (dist.get_world_size() if dist.is_initialized() else 1,))
     for block in model.model.layers:
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
         block.set_gradient_divide_factor(1.0)          # sums, not means (see above)
         block.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
-    model.to(device)   # the unsharded rest; the shards are on `device` already
+    blocks = {id(m) for b in model.model.layers for m in b.modules()}
+    for m in model.modules():   # the rest, whole; model.to() would also move the blocks' (offloaded) shards
+        if id(m) not in blocks:
+            m._apply(lambda t: t.to(device), recurse=False)
 
 
 def local_base_bytes(model) -> int:

@@ -95,6 +95,7 @@ class TrainConfig:
     log_every: int = 1              # progress line every N steps
     grad_checkpoint: bool = False   # recompute each block in backward to save activation memory
     fsdp: bool = False              # under torchrun: shard each block's base and adapters over the ranks (FSDP2), each keeping 1/N, for models one GPU cannot hold
+    fsdp_cpu_offload: bool = False  # with --fsdp on GPUs: keep each rank's shards in host memory, on the GPU only while gathered (FSDP2's CPUOffloadPolicy; the optimizer steps on the CPU): a 70B on 24 GB cards
     compile: bool = False           # torch.compile each block (one compilation serves every layer; the first two steps pay for it)
     resume: bool = False            # continue the run in --out from its checkpoint
     stop_after: int = 0             # stop after this many steps with a resumable checkpoint (0 = run to the end)
@@ -140,6 +141,8 @@ def start(cfg: TrainConfig) -> Run:
         raise ValueError(f"--loftq-iters {cfg.loftq_iters}: at least 1")
     if not 0 < cfg.cpu_mmap_kb <= 32 << 10:
         raise ValueError(f"--cpu-mmap-kb {cfg.cpu_mmap_kb}: choose 1 to 32768 (glibc's largest mmap threshold is 32 MB)")
+    if cfg.fsdp_cpu_offload and not cfg.fsdp:
+        raise ValueError("--fsdp-cpu-offload offloads the shards of --fsdp: add --fsdp")
     if cfg.fsdp and (cfg.dora or cfg.compile):
         raise ValueError(f"--fsdp with --{'dora' if cfg.dora else 'compile'} is not supported yet")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -350,7 +353,9 @@ def build_model(run: Run):
         use_loftq_base(model, run.out, cfg.loftq_iters)   # the base the checkpoint's adapter was trained over
     if cfg.fsdp:
         model.fingerprint = base_fingerprint(model)   # read before its tensors become pieces on each rank
-        shard_blocks(model, run.device)
+        if cfg.fsdp_cpu_offload and run.device.type != "cuda":
+            raise ValueError("--fsdp-cpu-offload moves a GPU's shards to host memory; on the CPU they are there already")
+        shard_blocks(model, run.device, cfg.fsdp_cpu_offload)
         held = [local_base_bytes(model)] * run.world
         if run.world > 1:
             dist.all_gather_object(held, held[0])
