@@ -10,6 +10,7 @@ Fine-tune a Llama-family model with LoRA (16-bit base) or QLoRA (NF4 base + page
     python train.py --qlora --dora                   # QDoRA: DoRA's learned row lengths over the NF4 base
     python train.py --qlora --init loftq             # LoftQ: A and B start from an SVD of the NF4 error
     torchrun --nproc_per_node 2 train.py --qlora     # data-parallel on 2 GPUs (or CPU processes)
+    torchrun --nproc_per_node 2 train.py --qlora --fsdp   # the base sharded over them (FSDP2): 1/2 each
 
 Stopping: Ctrl-C, SIGTERM (what SLURM, Kubernetes and spot instances send) or --stop-after finish the
 optimizer step under way, save a checkpoint and exit with code 75; the same command with --resume then
@@ -356,10 +357,7 @@ def build_model(run: Run):
         if cfg.fsdp_cpu_offload and run.device.type != "cuda":
             raise ValueError("--fsdp-cpu-offload moves a GPU's shards to host memory; on the CPU they are there already")
         shard_blocks(model, run.device, cfg.fsdp_cpu_offload)
-        held = [local_base_bytes(model)] * run.world
-        if run.world > 1:
-            dist.all_gather_object(held, held[0])
-        info["base_bytes_per_rank"] = held
+        info["base_bytes_per_rank"] = held = every_rank(run, local_base_bytes(model))
         run.log(f"--fsdp: blocks sharded over {run.world} rank(s), holding {', '.join(f'{b / 2**20:.2f}' for b in held)} "
                 f"MB of the base (embeddings, norms and lm_head whole on each)")
     if run.rank:   # rank 0 keeps the seed's stream (one process gives the same run with or without torchrun);
@@ -519,6 +517,14 @@ def all_reduce_gradients(params):
         off += p.numel()
 
 
+def every_rank(run: Run, value) -> list:
+    """`value` of every rank, in rank order (a collective under torchrun: every rank must call it)."""
+    every = [value] * run.world
+    if run.world > 1:
+        dist.all_gather_object(every, value)
+    return every
+
+
 def status_bytes(field: str) -> int:
     """A memory line of /proc/self/status in bytes: VmRSS (resident now), VmHWM (peak resident)."""
     with open("/proc/self/status") as f:
@@ -667,7 +673,8 @@ def train(cfg: TrainConfig) -> dict:
                        dtype=str(run.dtype).replace("torch.", ""), trainable=info["trainable"], total_params=info["total"],
                        memory=memory_breakdown(model, opt), runtime_rss=runtime_rss, out=str(run.out),
                        tokens_per_step=tokens * run.world / max(1, step - first), max_padded_tokens_per_micro_batch=max_micro,
-                       **({"base_bytes_per_rank": info["base_bytes_per_rank"]} if cfg.fsdp else {}))
+                       **({"base_bytes_per_rank": info["base_bytes_per_rank"],
+                           "peak_mem_per_rank": every_rank(run, peak_memory(run.device))} if cfg.fsdp else {}))
         if step < total:
             save(run, model, opt, step)
             run.log(f"stopped ({stopped}): checkpoint saved at step {step} in {run.out}; continue with the same "
