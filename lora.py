@@ -470,12 +470,11 @@ def adapter_tensors(model: nn.Module) -> dict:
     the ranks, one at a time: every rank must call this."""
     tensors = {}
     for name, m in lora_layers(model).items():
-        kinds = ("lora_A", "lora_B") + (("lora_magnitude_vector",) if m.use_dora else ())
-        for kind in kinds:
-            t = getattr(m, kind)
-            t = t.weight if isinstance(t, nn.Module) else t
-            key = f"{PEFT_PREFIX}{name}.{kind}" + (".weight" if kind != "lora_magnitude_vector" else "")
-            tensors[key] = full(t.detach()).float().contiguous().cpu()
+        own = {"lora_A.weight": m.lora_A.weight, "lora_B.weight": m.lora_B.weight}
+        if m.use_dora:
+            own["lora_magnitude_vector"] = m.lora_magnitude_vector
+        for k, t in own.items():
+            tensors[f"{PEFT_PREFIX}{name}.{k}"] = full(t.detach()).float().contiguous().cpu()
     return tensors
 
 

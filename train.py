@@ -50,7 +50,8 @@ from data import (IGNORE, check_eos, collate, collate_packed, encode_chat, encod
 from formats import gpu_dtype, load_model
 from fsdp import full, is_sharded, local, local_base_bytes, shard_blocks
 from generate import generate_batch
-from lora import apply_loftq, apply_lora, base_fingerprint, lora_layers, lora_scaling, loftq_quantizer, save_loftq_base, use_loftq_base
+from lora import (apply_loftq, apply_lora, base_fingerprint, lora_layers, lora_scaling, loftq_quantizer, save_loftq_base,
+                  use_loftq_base)
 from nf4 import NF4Linear, place_tables
 from optim import AdamW8bit
 from runs import Diverged, Metrics, Run, SaveFailed, StopSignals, atomic_write, check_out_dir, last_good, resume, save
@@ -144,10 +145,15 @@ def start(cfg: TrainConfig) -> Run:
         raise ValueError(f"--cpu-mmap-kb {cfg.cpu_mmap_kb}: choose 1 to 32768 (glibc's largest mmap threshold is 32 MB)")
     if cfg.fsdp_cpu_offload and not cfg.fsdp:
         raise ValueError("--fsdp-cpu-offload offloads the shards of --fsdp: add --fsdp")
+    if cfg.fsdp and "LOCAL_RANK" not in os.environ:
+        raise ValueError("--fsdp shards the base over torchrun's processes: run it under torchrun "
+                         "(torchrun --nproc_per_node N train.py ... --fsdp)")
     if cfg.fsdp and (cfg.dora or cfg.compile):
         raise ValueError(f"--fsdp with --{'dora' if cfg.dora else 'compile'} is not supported yet")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device, dtype = pick_device_dtype(cfg)
+    if cfg.fsdp_cpu_offload and device.type != "cuda":
+        raise ValueError("--fsdp-cpu-offload moves a GPU's shards to host memory; on the CPU they are there already")
     if device.type == "cuda":   # always: streams and synchronize() use the current device
         if world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -354,8 +360,6 @@ def build_model(run: Run):
         use_loftq_base(model, run.out, cfg.loftq_iters)   # the base the checkpoint's adapter was trained over
     if cfg.fsdp:
         model.fingerprint = base_fingerprint(model)   # read before its tensors become pieces on each rank
-        if cfg.fsdp_cpu_offload and run.device.type != "cuda":
-            raise ValueError("--fsdp-cpu-offload moves a GPU's shards to host memory; on the CPU they are there already")
         shard_blocks(model, run.device, cfg.fsdp_cpu_offload)
         info["base_bytes_per_rank"] = held = every_rank(run, local_base_bytes(model))
         run.log(f"--fsdp: blocks sharded over {run.world} rank(s), holding {', '.join(f'{b / 2**20:.2f}' for b in held)} "

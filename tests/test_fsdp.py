@@ -151,3 +151,13 @@ def test_fsdp_two_nodes_equal_one(tiny_run, tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
     assert_same_adapter(_adapter(one["out"]), _adapter(tmp_path / "nodes"))
+
+
+def test_fsdp_flags_that_cannot_work_are_one_clear_error(tiny_run, tmp_path, monkeypatch):
+    from test_train import _fails
+    _fails(_cfg(tiny_run, tmp_path, fsdp=True), "run it under torchrun")
+    _fails(_cfg(tiny_run, tmp_path, fsdp_cpu_offload=True), "add --fsdp")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    _fails(_cfg(tiny_run, tmp_path, fsdp=True, dora=True), "--fsdp with --dora is not supported yet")
+    _fails(_cfg(tiny_run, tmp_path, fsdp=True, compile=True), "--fsdp with --compile is not supported yet")
+    _fails(_cfg(tiny_run, tmp_path, fsdp=True, fsdp_cpu_offload=True), "on the CPU they are there already")
