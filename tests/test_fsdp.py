@@ -137,6 +137,17 @@ def test_fsdp_resume_is_exact(tiny_run, tmp_path):
     assert_same_adapter(_adapter(one["out"]), _adapter(tmp_path / "fsdp"))
     s = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert s["losses"] == pytest.approx(one["losses"][3:], rel=1e-5)
+    # the adapter the ranks wrote loads in peft, which then computes what we compute
+    peft, transformers = pytest.importorskip("peft"), pytest.importorskip("transformers")
+    from formats import load_model
+    from lora import load_adapter
+    pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_run[0], dtype=torch.float32), tmp_path / "fsdp").eval()
+    ours = load_model(tiny_run[0], torch.float32, device="cpu")
+    load_adapter(ours, tmp_path / "fsdp")
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, ours(ids), atol=1e-4, rtol=0)
 
 
 def test_fsdp_two_nodes_equal_one(tiny_run, tmp_path):
