@@ -631,10 +631,15 @@ def _is_quantizable(name: str) -> bool:
 class _Placer:
     """Fills a model built on the meta device, one tensor at a time, as the tensors arrive."""
 
-    def __init__(self, model: Llama, dtype, device, quantize, where):
+    def __init__(self, model: Llama, dtype, device, quantize, where, on_block=None):
         self.model, self.dtype, self.device, self.quantize, self.where = model, dtype, device, quantize, where
         self.expected = {n for n, _ in model.named_parameters(remove_duplicate=True)}
         self.seen = set()
+        self.on_block, self.left = on_block, {}   # tensors each block still waits for
+        for n in self.expected:
+            if n.startswith("model.layers."):
+                i = int(n.split(".")[2])
+                self.left[i] = self.left.get(i, 0) + 1
 
     def place(self, name: str, tensor: torch.Tensor):
         if name not in self.expected:
@@ -659,11 +664,16 @@ class _Placer:
                 q.bias = mod.bias   # still meta; filled when its own tensor arrives
             setattr(self.model.get_submodule(parent), attr, q)
             release_freed_memory()
-            return
-        t = tensor.to(device=self.device, dtype=self.dtype)
-        setattr(mod, pname, nn.Parameter(t, requires_grad=False))
-        if tensor.nbytes > 1 << 24:
-            release_freed_memory()
+        else:
+            t = tensor.to(device=self.device, dtype=self.dtype)
+            setattr(mod, pname, nn.Parameter(t, requires_grad=False))
+            if tensor.nbytes > 1 << 24:
+                release_freed_memory()
+        if self.on_block and name.startswith("model.layers."):   # a block whole: the caller may take it now
+            i = int(name.split(".")[2])
+            self.left[i] -= 1
+            if not self.left[i]:
+                self.on_block(i, self.model.model.layers[i])
 
     def finish(self):
         release_freed_memory()
@@ -675,7 +685,7 @@ class _Placer:
             m.lm_head.weight = m.model.embed_tokens.weight
         m.inv_freq = precompute_rope(m.args, device=self.device)
         for p in m.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(p.is_floating_point())   # NF4 codes that on_block made parameters stay frozen
         return m.eval()
 
 
@@ -686,10 +696,12 @@ def build_empty(args: ModelArgs) -> Llama:
     return model
 
 
-def load_model(source, dtype=None, quantize=None, device=None) -> Llama:
+def load_model(source, dtype=None, quantize=None, device=None, on_block=None) -> Llama:
     """Load an HF folder, a .gguf file or "default", streaming tensor by tensor (see _Placer).
     dtype None = bf16 on a GPU that has it, fp32 on CPU; quantize "nf4" = the block linears in NF4, or
-    a function (name, 16-bit weight) -> NF4 state that quantizes them its own way (LoftQ)."""
+    a function (name, 16-bit weight) -> NF4 state that quantizes them its own way (LoftQ).
+    on_block(i, block): called as soon as block i has all its tensors (train.py --fsdp shards it then, so
+    no rank ever holds the whole model); blocks a file does not stream one by one are not passed."""
     if quantize not in (None, "nf4") and not callable(quantize):
         raise ValueError(f"quantize={quantize!r}: only None or 'nf4'")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -697,13 +709,13 @@ def load_model(source, dtype=None, quantize=None, device=None) -> Llama:
     path = Path(default_model_dir() if str(source) == "default" else source)
     if path.suffix == ".gguf" and path.is_file():
         args, _, tensors = read_gguf(path)
-        placer = _Placer(build_empty(args), dtype, device, quantize, str(path))
+        placer = _Placer(build_empty(args), dtype, device, quantize, str(path), on_block)
         for name, t in tensors:
             placer.place(name, t)
         model = placer.finish()
     else:
         args = read_args(path)
-        placer = _Placer(build_empty(args), dtype, device, quantize, str(path))
+        placer = _Placer(build_empty(args), dtype, device, quantize, str(path), on_block)
         if "quantization_config" in args.extra:
             model = _load_bnb_4bit(path, placer)
         else:

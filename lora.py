@@ -45,14 +45,14 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 use_dora: bool = False):
+                 use_dora: bool = False, device=None):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {r}")
         self.base, self.r, self.alpha, self.use_rslora, self.use_dora = base, r, alpha, use_rslora, use_dora
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        device = base.packed.device if isinstance(base, NF4Linear) else base.weight.device
+        device = device or (base.packed.device if isinstance(base, NF4Linear) else base.weight.device)
         # The adapters are fp32 master weights whatever the base's dtype: they are tiny (r * (in + out)),
         # and bf16 updates of lr * grad ~ 1e-6 would round to nothing. The matmuls run in the input's dtype.
         # Named lora_A / lora_B as in peft, so the file keys map one to one.
@@ -272,9 +272,10 @@ def _matches(name: str, targets) -> bool:
 
 
 def apply_lora(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-               use_rslora: bool = False, use_dora: bool = False) -> dict:
+               use_rslora: bool = False, use_dora: bool = False, device=None) -> dict:
     """Wrap every linear whose name matches `targets` in a LoRALinear (DoRA with use_dora); freeze all
-    but lora_ tensors."""
+    but lora_ tensors. device: where the adapters go (default: their base's; a base on the meta device
+    with device="cpu" draws real adapters over a model whose weights are still to come)."""
     names = [n for n in linear_names(model) if _matches(n, targets) and not n.startswith("lm_head")]
     if not names:
         raise ValueError(f"LoRA targets {targets!r} match no linear layer; this model has: "
@@ -282,7 +283,7 @@ def apply_lora(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout
     for n in names:
         parent, _, attr = n.rpartition(".")
         mod = model.get_submodule(parent)
-        setattr(mod, attr, LoRALinear(getattr(mod, attr), r, alpha, dropout, use_rslora, use_dora))
+        setattr(mod, attr, LoRALinear(getattr(mod, attr), r, alpha, dropout, use_rslora, use_dora, device))
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -448,7 +449,7 @@ def base_fingerprint(model: nn.Module) -> str | None:
     """A short hash of the base model: its shape and a few weights that no quantization touches (the
     final norm, the first block's norms, the first rows of the embedding), each rounded to bf16 so the
     same checkpoint loaded in fp32 or bf16, with a 16-bit or an NF4 base, gives the same value."""
-    if getattr(model, "fingerprint", None):   # taken before --fsdp sharded the blocks
+    if getattr(model, "fingerprint", None):   # --fsdp: taken once, on every rank, after loading
         return model.fingerprint
     import hashlib
     h = hashlib.sha256()
@@ -461,7 +462,7 @@ def base_fingerprint(model: nn.Module) -> str | None:
     for name in ("model.norm.weight", "model.layers.0.input_layernorm.weight",
                  "model.layers.0.post_attention_layernorm.weight", "model.embed_tokens.weight"):
         if name in params:
-            h.update(params[name].detach()[:64].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+            h.update(full(params[name].detach())[:64].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -44,11 +44,12 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from data import (IGNORE, check_eos, collate, collate_packed, encode_chat, encode_example, load_examples,
                   load_tokenizer, pack, prompt_format, show_example)
-from formats import gpu_dtype, load_model
-from fsdp import full, is_sharded, local, local_base_bytes, shard_blocks
+from formats import build_empty, gpu_dtype, load_model, read_args
+from fsdp import device_mesh, full, is_sharded, local, local_base_bytes, move_unsharded, shard_block
 from generate import generate_batch
 from lora import (apply_loftq, apply_lora, base_fingerprint, lora_layers, lora_scaling, loftq_quantizer, save_loftq_base,
                   use_loftq_base)
@@ -148,8 +149,9 @@ def start(cfg: TrainConfig) -> Run:
     if cfg.fsdp and "LOCAL_RANK" not in os.environ:
         raise ValueError("--fsdp shards the base over torchrun's processes: run it under torchrun "
                          "(torchrun --nproc_per_node N train.py ... --fsdp)")
-    if cfg.fsdp and (cfg.dora or cfg.compile):
-        raise ValueError(f"--fsdp with --{'dora' if cfg.dora else 'compile'} is not supported yet")
+    if cfg.fsdp and (cfg.dora or cfg.compile or cfg.init == "loftq"):
+        other = "--dora" if cfg.dora else "--compile" if cfg.compile else "--init loftq"
+        raise ValueError(f"--fsdp with {other} is not supported yet")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device, dtype = pick_device_dtype(cfg)
     if cfg.fsdp_cpu_offload and device.type != "cuda":
@@ -331,6 +333,37 @@ def show(cfg: TrainConfig) -> dict:
     return dict(example=text)
 
 
+def load_sharded(run: Run, targets, quantize):
+    """--fsdp: the base streams in and each block, once its tensors are all there, gets its adapters and is
+    sharded over the ranks (its whole tensors freed), so a rank never holds more than one block whole
+    besides its shards. The adapters are drawn first, over an empty copy of the model, in the order and
+    with the draws of one process without --fsdp, so the run starts from the same adapter."""
+    cfg = run.cfg
+    shadow = build_empty(read_args(cfg.model))
+    info = apply_lora(shadow, targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora, device="cpu")
+    adapters, mesh = lora_layers(shadow), device_mesh(run.device)
+
+    def take(i, block):
+        inside = f"model.layers.{i}."
+        for name, lora in adapters.items():
+            if name.startswith(inside):
+                parent, _, attr = name[len(inside):].rpartition(".")
+                owner = block.get_submodule(parent)
+                lora.base = getattr(owner, attr)   # the real base (NF4 or 16-bit) in place of the empty one
+                setattr(owner, attr, lora)
+        shard_block(block, mesh, cfg.fsdp_cpu_offload)
+    model = load_model(cfg.model, run.dtype, quantize=quantize, device="cpu", on_block=take)
+    for i, block in enumerate(model.model.layers):
+        if not isinstance(block, FSDPModule):   # a file that does not stream block by block (bitsandbytes 4-bit)
+            take(i, block)
+    move_unsharded(model, run.device)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    model.lora_config = shadow.lora_config
+    model.fingerprint = base_fingerprint(model)   # every rank (it gathers block 0's norms), once
+    return model, info
+
+
 def build_model(run: Run):
     """Load the base (NF4 as it streams in, for QLoRA), wrap the targets in LoRA, make the optimizer."""
     cfg = run.cfg
@@ -342,12 +375,15 @@ def build_model(run: Run):
         quantize = loftq_quantizer(targets, cfg.rank, lora_scaling(cfg.rank, cfg.alpha, cfg.rslora), cfg.loftq_iters,
                                    found)
     t0 = time.perf_counter()
-    # --fsdp: the base is read into host memory and each rank moves only its shards to the device
-    model = load_model(cfg.model, run.dtype, quantize=quantize, device="cpu" if cfg.fsdp else run.device)
+    if cfg.fsdp:
+        model, info = load_sharded(run, targets, quantize)
+    else:
+        model = load_model(cfg.model, run.dtype, quantize=quantize, device=run.device)
     load_peak = peak_memory(run.device)   # quantizing as weights stream in has a peak of its own
     if cfg.seq_len > model.args.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} is above the model's limit of {model.args.max_seq_len} tokens")
-    info = apply_lora(model, targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora)
+    if not cfg.fsdp:
+        info = apply_lora(model, targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora)
     if loftq:
         apply_loftq(model, found, cfg.loftq_iters)
         errors = [e for _, _, e in found.values()]
@@ -359,8 +395,6 @@ def build_model(run: Run):
         model.lora_config["loftq_iters"] = cfg.loftq_iters
         use_loftq_base(model, run.out, cfg.loftq_iters)   # the base the checkpoint's adapter was trained over
     if cfg.fsdp:
-        model.fingerprint = base_fingerprint(model)   # read before its tensors become pieces on each rank
-        shard_blocks(model, run.device, cfg.fsdp_cpu_offload)
         info["base_bytes_per_rank"] = held = every_rank(run, local_base_bytes(model))
         run.log(f"--fsdp: blocks sharded over {run.world} rank(s), holding {', '.join(f'{b / 2**20:.2f}' for b in held)} "
                 f"MB of the base (embeddings, norms and lm_head whole on each)")

@@ -6,8 +6,8 @@ holds of the base, its peak memory, and the speed, on the same global batch.
     python bench/fsdp.py --lora --worlds 1,2      # LoRA on the 16-bit base
     python bench/fsdp.py --device cuda --worlds 1,2 --model path/to/model   # per-GPU memory on the GPUs at hand
 
-Peak memory is the process's peak RSS on CPU (loading included: each rank still reads the whole base
-before it keeps its shards) and max_memory_allocated on CUDA (training only).
+Peak memory is the process's peak RSS on CPU (loading included: a rank holds its shards and one block
+whole while loading) and max_memory_allocated on CUDA (training only).
 """
 import argparse
 import json

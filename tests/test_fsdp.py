@@ -87,27 +87,37 @@ import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from torch.distributed.tensor import DTensor
 from formats import load_model
-from fsdp import local, shard_blocks
+from fsdp import device_mesh, local, move_unsharded, shard_block
 from lora import apply_lora
 dist.init_process_group("gloo")
-m = load_model(sys.argv[2], torch.float32, quantize="nf4", device="cpu")
-apply_lora(m, ["q_proj", "v_proj", "down_proj"], 8, 16)
-shard_blocks(m, torch.device("cpu"))
+mesh, done, earlier_sharded = device_mesh(torch.device("cpu")), [], []
+
+def take(i, block):   # as train.py --fsdp does: each block sharded as soon as its tensors are in
+    earlier_sharded.append(all(isinstance(p, DTensor) for b in done for p in b.parameters()))
+    apply_lora(block, ["q_proj", "v_proj", "down_proj"], 8, 16)
+    shard_block(block, mesh)
+    done.append(block)
+m = load_model(sys.argv[2], torch.float32, quantize="nf4", device="cpu", on_block=take)
+move_unsharded(m, torch.device("cpu"))
+for n, p in m.named_parameters():
+    p.requires_grad_("lora_" in n)
 q = m.model.layers[0].self_attn.q_proj.base
 seen = []
 m.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda mod, a: seen.append(type(mod.base.packed)))
 m(torch.randint(0, 300, (1, 9))).sum().backward()
 # inside forward the codes were whole; after it (and after backward) each rank keeps its part again
 row = [seen[0].__name__, type(q.packed).__name__, local(q.packed).numel(), q.packed.numel(),
-       local(m.model.layers[1].mlp.down_proj.lora_A.weight).shape[0]]
+       local(m.model.layers[1].mlp.down_proj.lora_A.weight).shape[0], len(done), all(earlier_sharded)]
 open(f"{sys.argv[3]}/rank{dist.get_rank()}.json", "w").write(json.dumps(row))
 dist.barrier()   # as train.py ends: no rank tears gloo down while another still talks to it
 '''
 
 
 def test_fsdp_gathers_a_block_for_its_forward_and_frees_it_after(tiny_run, tmp_path):
-    """World 3: inside forward a layer sees its packed NF4 codes whole (a plain tensor); before and after,
-    each rank holds a third of them (FSDP2's reshard after forward), uneven shards of the r = 8 rows."""
+    """World 3, loading as train.py --fsdp loads: each block is sharded as soon as its tensors have streamed
+    in, and every block finished before it is sharded by then (a rank never holds two blocks whole). Inside
+    forward a layer sees its packed NF4 codes whole (a plain tensor); before and after, each rank holds a
+    third of them (FSDP2's reshard after forward), uneven shards of the r = 8 rows."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", "29551",
@@ -115,7 +125,8 @@ def test_fsdp_gathers_a_block_for_its_forward_and_frees_it_after(tiny_run, tmp_p
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(3)]
-    for inside, after, mine, whole, _ in rows:
+    for inside, after, mine, whole, _, blocks, earlier_sharded in rows:
+        assert blocks == 2 and earlier_sharded
         assert inside in ("Tensor", "Parameter") and after == "DTensor"
         assert mine in (whole // 3, -(-whole // 3))
     assert sum(r[2] for r in rows) == rows[0][3]
@@ -171,4 +182,5 @@ def test_fsdp_flags_that_cannot_work_are_one_clear_error(tiny_run, tmp_path, mon
     monkeypatch.setenv("LOCAL_RANK", "0")
     _fails(_cfg(tiny_run, tmp_path, fsdp=True, dora=True), "--fsdp with --dora is not supported yet")
     _fails(_cfg(tiny_run, tmp_path, fsdp=True, compile=True), "--fsdp with --compile is not supported yet")
+    _fails(_cfg(tiny_run, tmp_path, fsdp=True, qlora=True, init="loftq"), "--fsdp with --init loftq is not supported")
     _fails(_cfg(tiny_run, tmp_path, fsdp=True, fsdp_cpu_offload=True), "on the CPU they are there already")
