@@ -6,7 +6,9 @@
 #   1. the tests that run on CUDA (those with "cuda" in their name or parameters);
 #   2. bench/train.py --device cuda --peers --compile on the default model's shapes and on Llama-3.2-1B's,
 #      random weights (speed and memory do not depend on them): tokens/s, max_memory_allocated, eager and
-#      compiled, ours and transformers + peft (+ bitsandbytes), and the estimator against each peak.
+#      compiled, ours and transformers + peft (+ bitsandbytes), and the estimator against each peak;
+#   3. bench/fsdp.py --device cuda on Llama-3.2-1B's shapes, on as many GPUs as there are (nccl): the
+#      base each GPU holds, its peak memory, the speed.
 #
 # A machine that cannot download needs the tokenizer and the data beside the tree, prepared where pip works:
 #   mkdir -p .gpu/tok .gpu/cache && cp ~/.cache/pure-qlora/alpaca_eval.jsonl .gpu/cache/ &&
@@ -38,3 +40,9 @@ for preset in SmolLM2-135M Llama-3.2-1B; do
     timeout 300 python bench/train.py --device cuda --model "$model" --steps "$STEPS" --peers --compile 2>&1 \
         | tee "$OUT/bench-$preset.log" | grep -E "^(ours|peer|matmul|QLoRA)" | tee -a "$OUT/summary.txt"
 done
+
+ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
+worlds=$(python -c "print(','.join(str(w) for w in (1, 2, 3, 4, 8) if w <= $ngpu and 6 % w == 0 or w == 1))")
+echo "== bench/fsdp.py --device cuda --worlds $worlds" | tee -a "$OUT/summary.txt"
+timeout 300 python bench/fsdp.py --device cuda --worlds "$worlds" --model /tmp/pure-qlora-Llama-3.2-1B 2>&1 \
+    | tee "$OUT/fsdp.log" | grep -E "^world" | tee -a "$OUT/summary.txt"
