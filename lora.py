@@ -65,11 +65,27 @@ class LoRALinear(nn.Module):
         self.merged = False
         self._norm_cache = None
         # DoRA's magnitude (peft's name and place: `<layer>.lora_magnitude_vector`), fp32 like A and B
-        self.lora_magnitude_vector = nn.Parameter(self.weight_norm()) if use_dora else None
+        self.lora_magnitude_vector = None
+        if use_dora:   # over a base still on the meta device (train.py --fsdp) set by start_magnitude later
+            empty = (base.packed if isinstance(base, NF4Linear) else base.weight).is_meta
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(base.out_features, device=device) if empty
+                                                      else self.weight_norm())
 
     def _norm_key(self):
         m = getattr(self, "lora_magnitude_vector", None)
         return (self.lora_A.weight._version, self.lora_B.weight._version, None if m is None else m._version, id(self.base))
+
+    @torch.no_grad()
+    def start_magnitude(self):
+        """DoRA's magnitude set to ||W||_row of the base (the adapter's start: the base exactly)."""
+        self.forget_norm()
+        self.lora_magnitude_vector.copy_(self.weight_norm())
+        self.forget_norm()
+
+    def forget_norm(self):
+        """Drop the cached row norm. Needed where the versions cannot tell: FSDP2 gathers a step's new A and B
+        into the same tensors with their version counters kept."""
+        self._norm_cache = None
 
     def norm_is_cached(self, key=None) -> bool:
         key = self._norm_key() if key is None else key
@@ -426,7 +442,7 @@ def _set_base(m: LoRALinear, state: dict):
     else:
         with torch.no_grad():
             m.base.weight.copy_(dequantize_nf4(state, torch.float32))
-    m._norm_cache = None
+    m.forget_norm()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -149,8 +149,8 @@ def start(cfg: TrainConfig) -> Run:
     if cfg.fsdp and "LOCAL_RANK" not in os.environ:
         raise ValueError("--fsdp shards the base over torchrun's processes: run it under torchrun "
                          "(torchrun --nproc_per_node N train.py ... --fsdp)")
-    if cfg.fsdp and (cfg.dora or cfg.compile or cfg.init == "loftq"):
-        other = "--dora" if cfg.dora else "--compile" if cfg.compile else "--init loftq"
+    if cfg.fsdp and (cfg.compile or cfg.init == "loftq"):
+        other = "--compile" if cfg.compile else "--init loftq"
         raise ValueError(f"--fsdp with {other} is not supported yet")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device, dtype = pick_device_dtype(cfg)
@@ -351,6 +351,8 @@ def load_sharded(run: Run, targets, quantize):
                 owner = block.get_submodule(parent)
                 lora.base = getattr(owner, attr)   # the real base (NF4 or 16-bit) in place of the empty one
                 setattr(owner, attr, lora)
+                if lora.use_dora:
+                    lora.start_magnitude()
         shard_block(block, mesh, cfg.fsdp_cpu_offload)
     model = load_model(cfg.model, run.dtype, quantize=quantize, device="cpu", on_block=take)
     for i, block in enumerate(model.model.layers):
@@ -673,6 +675,9 @@ def train(cfg: TrainConfig) -> dict:
                                f"diverged (learning rate {lr:.2e}{'' if cfg.grad_clip > 0 else ', no --grad-clip'}); "
                                f"the step was not applied and nothing was saved. {last_good(run)}")
             run.scaler.step(opt)   # opt.step(), unless fp16 gradients overflowed
+            if cfg.fsdp and cfg.dora:
+                for m in lora_layers(model).values():
+                    m.forget_norm()   # the step changed A and B where DoRA's norm cache cannot see it
             run.scaler.update()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -782,6 +787,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nstopped at once (a second Ctrl-C), without a checkpoint", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if dist.is_initialized():   # now: left to the interpreter's exit, gloo with FSDP can abort the process
+            dist.destroy_process_group()   # ("terminate called without an active exception", seen at 3 ranks)
     if summary.get("interrupted"):
         sys.exit(75)
 
