@@ -149,9 +149,8 @@ def start(cfg: TrainConfig) -> Run:
     if cfg.fsdp and "LOCAL_RANK" not in os.environ:
         raise ValueError("--fsdp shards the base over torchrun's processes: run it under torchrun "
                          "(torchrun --nproc_per_node N train.py ... --fsdp)")
-    if cfg.fsdp and (cfg.compile or cfg.init == "loftq"):
-        other = "--compile" if cfg.compile else "--init loftq"
-        raise ValueError(f"--fsdp with {other} is not supported yet")
+    if cfg.fsdp and cfg.init == "loftq":
+        raise ValueError("--fsdp with --init loftq is not supported yet")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device, dtype = pick_device_dtype(cfg)
     if cfg.fsdp_cpu_offload and device.type != "cuda":

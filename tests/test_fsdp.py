@@ -38,21 +38,23 @@ def assert_same_adapter(a, b):
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("world,qlora,ckpt,dora", [(3, False, True, False), (2, True, False, False), (3, True, True, False),
-                                                   (2, True, True, True)])
-def test_fsdp_equals_one_process(tiny_run, tmp_path, world, qlora, ckpt, dora):
+@pytest.mark.parametrize("world,qlora,ckpt,dora,compile", [(3, False, True, False, False), (2, True, False, False, True),
+                                                           (3, True, True, False, False), (2, True, True, True, False)])
+def test_fsdp_equals_one_process(tiny_run, tmp_path, world, qlora, ckpt, dora, compile):
     """6 examples per step in all: one process with batch 6, or `world` ranks with 6 / world each. Shards are
     uneven at world 3 (64 rows, r = 8, NF4 codes of 2048 bytes over 3 ranks). The same adapter (in peft's
     format, written once), losses, eval loss and generated answers; each rank holds its part of the base.
     QDoRA too: FSDP2 gathers each step's new A and B with their version counters kept, so DoRA's norm cache
-    must be dropped after each step (without that, 1e-2 apart after 3 steps)."""
+    must be dropped after each step (without that, 1e-2 apart after 3 steps). And with --compile (each sharded
+    block compiled in place), against one process in eager mode."""
     flags = dict(qlora=qlora, grad_checkpoint=ckpt, dora=dora)
     gen = dict(eval_generate=5, eval_max_new_tokens=4)
     one = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "one"), batch_size=6, max_steps=3, **flags, **gen))
     r = torchrun(world, 29540 + world + 2 * qlora + 4 * dora, cli_args(tiny_run, tmp_path / "fsdp", 6 // world, 3, **gen,
-                                                            **{k: True for k, v in flags.items() if v}))
+                                                            **{k: True for k, v in dict(flags, compile=compile).items() if v}))
     assert r.returncode == 0, r.stderr[-3000:]
     answers = json.loads((Path(one["out"]) / "summary.json").read_text())["accuracy_after"]
+    assert ("blocks compiled" in r.stdout) == compile
     assert_same_adapter(_adapter(one["out"]), _adapter(tmp_path / "fsdp"))
     s = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert s["losses"] == pytest.approx(one["losses"], rel=1e-5)
@@ -183,6 +185,5 @@ def test_fsdp_flags_that_cannot_work_are_one_clear_error(tiny_run, tmp_path, mon
     _fails(_cfg(tiny_run, tmp_path, fsdp=True), "run it under torchrun")
     _fails(_cfg(tiny_run, tmp_path, fsdp_cpu_offload=True), "add --fsdp")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    _fails(_cfg(tiny_run, tmp_path, fsdp=True, compile=True), "--fsdp with --compile is not supported yet")
     _fails(_cfg(tiny_run, tmp_path, fsdp=True, qlora=True, init="loftq"), "--fsdp with --init loftq is not supported")
     _fails(_cfg(tiny_run, tmp_path, fsdp=True, fsdp_cpu_offload=True), "on the CPU they are there already")
