@@ -44,7 +44,6 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 
 from data import (IGNORE, check_eos, collate, collate_packed, encode_chat, encode_example, load_examples,
                   load_tokenizer, pack, prompt_format, show_example)
@@ -337,6 +336,7 @@ def load_sharded(run: Run, targets, quantize):
     sharded over the ranks (its whole tensors freed), so a rank never holds more than one block whole
     besides its shards. The adapters are drawn first, over an empty copy of the model, in the order and
     with the draws of one process without --fsdp, so the run starts from the same adapter."""
+    from torch.distributed.fsdp import FSDPModule
     cfg = run.cfg
     shadow = build_empty(read_args(cfg.model))
     info = apply_lora(shadow, targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora, device="cpu")
