@@ -636,7 +636,7 @@ class _Placer:
         self.expected = {n for n, _ in model.named_parameters(remove_duplicate=True)}
         self.seen = set()
         self.on_block, self.left = on_block, {}   # tensors each block still waits for
-        for n in self.expected:
+        for n in self.expected if on_block else ():
             if n.startswith("model.layers."):
                 i = int(n.split(".")[2])
                 self.left[i] = self.left.get(i, 0) + 1

@@ -77,10 +77,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def start_magnitude(self):
-        """DoRA's magnitude set to ||W||_row of the base (the adapter's start: the base exactly)."""
-        self.forget_norm()
+        """DoRA's magnitude set to ||W||_row of the base (the adapter's start: the base exactly). The norm
+        cache's key holds the base's id and the magnitude's version, so nothing stale survives this."""
         self.lora_magnitude_vector.copy_(self.weight_norm())
-        self.forget_norm()
 
     def forget_norm(self):
         """Drop the cached row norm. Needed where the versions cannot tell: FSDP2 gathers a step's new A and B

@@ -50,9 +50,11 @@ def pack_runs(items, length, joins=lambda a, b: True) -> list[list]:
     return runs
 
 
-def slot(numel: int, min_8bit_size: int = 4096) -> tuple[str, int]:
-    """A parameter's kind of states and its slot length in the flat buffers (8-bit: whole blocks)."""
-    return ("8bit", -(-numel // BLOCK) * BLOCK) if numel >= min_8bit_size else ("32bit", numel)
+def slot(numel: int, min_8bit_size: int = 4096, kind: str | None = None) -> tuple[str, int]:
+    """A parameter's kind of states (by its numel, unless given) and its slot length in the flat buffers
+    for `numel` elements (8-bit: whole blocks)."""
+    kind = kind or ("8bit" if numel >= min_8bit_size else "32bit")
+    return kind, (-(-numel // BLOCK) * BLOCK if kind == "8bit" else numel)
 
 
 def slot_bytes(kind: str, n: int) -> int:
@@ -95,8 +97,7 @@ class AdamW8bit(torch.optim.Optimizer):
         size = {"8bit": 0, "32bit": 0}
         for p in params:
             kind = slot(p.numel(), self.min_8bit_size)[0]   # the whole tensor's size decides, on every rank alike
-            n = local(p).numel()                              # this rank's part of it under --fsdp
-            n = -(-n // BLOCK) * BLOCK if kind == "8bit" else n
+            _, n = slot(local(p).numel(), kind=kind)         # for this rank's part of it under --fsdp
             self.slots[p] = (kind, size[kind], n)
             size[kind] += n
         zeros = lambda n, dt: torch.zeros(n, dtype=dt, device=home, pin_memory=pin)
@@ -230,14 +231,8 @@ class AdamW8bit(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
-        # torch casts every state tensor to its parameter's dtype: the uint8 codes would come back as
-        # fp32, four times the memory. Give each tensor its saved dtype back, then its slot in the flat
-        # buffers (in pinned host memory when paged).
-        saved = {int(i): {k: v.dtype for k, v in st.items() if torch.is_tensor(v)} for i, st in state_dict["state"].items()}
+        # torch casts every state tensor to its parameter's dtype: the uint8 codes come back as fp32 (the
+        # same integers). _build copies each into its slot of the flat buffers, which have the states' own
+        # dtypes (and live in pinned host memory when paged): four times the memory for a moment, not for good.
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]   # state_dict numbers them in this order
-        for i, dtypes in saved.items():
-            st = self.state[params[i]]
-            for k, dt in dtypes.items():
-                st[k] = st[k].to(dt)
         self._build()

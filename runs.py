@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from formats import load_state, save_state
-from fsdp import full, local, set_full, shard_like
-from lora import adapter_tensors, base_fingerprint, check_base, save_adapter
+from fsdp import local, set_full, shard_like
+from lora import PEFT_PREFIX, adapter_tensors, base_fingerprint, check_base, save_adapter
 
 
 class Diverged(RuntimeError):
@@ -69,6 +69,13 @@ class Run:
             dist.all_reduce(t)
         return t
 
+    def gather(self, value) -> list:
+        """`value` of every rank, in rank order (a collective under torchrun: every rank must call it)."""
+        every = [value] * self.world
+        if self.world > 1:
+            dist.all_gather_object(every, value)
+        return every
+
 
 def check_out_dir(cfg) -> Path:
     out = Path(cfg.out)
@@ -105,8 +112,8 @@ def save(run: Run, model, opt, step: int):
     Nothing non-finite is ever written, and a write that fails (a full disk) leaves the last save whole:
     the checkpoint goes to a temporary name and replaces the old one only once the adapter is written too.
     Every rank takes part (the RNG states are gathered); rank 0 writes."""
-    tensors, meta = checkpoint_state(run, model, opt, step)
     adapter = adapter_tensors(model)   # every rank: under --fsdp it is gathered from all of them
+    tensors, meta = checkpoint_state(run, model, opt, step, adapter)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise Diverged(f"after step {step} {bad[0]} (and {len(bad) - 1} more) holds values that are not finite: "
@@ -129,9 +136,10 @@ def last_good(run: Run) -> str:
     return f"The last good checkpoint, step {run.saved_step}, is intact in {run.out}: continue with --resume."
 
 
-def checkpoint_state(run: Run, model, opt, step: int) -> tuple[dict, dict]:
-    """(tensors, JSON-able rest) of everything --resume needs."""
-    tensors = {f"adapter.{k}": full(v).cpu() for k, v in model.state_dict().items() if "lora_" in k}
+def checkpoint_state(run: Run, model, opt, step: int, adapter: dict) -> tuple[dict, dict]:
+    """(tensors, JSON-able rest) of everything --resume needs; adapter: adapter_tensors(model), whose peft
+    names are the model's parameter names behind peft's prefix."""
+    tensors = {f"adapter.{k[len(PEFT_PREFIX):]}": v for k, v in adapter.items()}
     osd, scalars, mine = opt.state_dict(), {}, {}
     for i, st in osd["state"].items():
         for k, v in st.items():
@@ -140,9 +148,8 @@ def checkpoint_state(run: Run, model, opt, step: int) -> tuple[dict, dict]:
             else:
                 scalars.setdefault(str(i), {})[k] = v
     if run.cfg.fsdp and run.world > 1:   # each rank's optimizer holds the states of its own shards
-        every = [None] * run.world
-        dist.all_gather_object(every, mine)   # between our own processes; the file holds tensors only
-        mine = {f"rank{r}.{k}": v for r, part in enumerate(every) for k, v in part.items()}
+        # (gathered as pickles between our own processes; the file holds tensors only)
+        mine = {f"rank{r}.{k}": v for r, part in enumerate(run.gather(mine)) for k, v in part.items()}
     tensors.update(mine)
     states = {"cpu": torch.get_rng_state()}
     if run.device.type == "cuda":

@@ -396,7 +396,7 @@ def build_model(run: Run):
         model.lora_config["loftq_iters"] = cfg.loftq_iters
         use_loftq_base(model, run.out, cfg.loftq_iters)   # the base the checkpoint's adapter was trained over
     if cfg.fsdp:
-        info["base_bytes_per_rank"] = held = every_rank(run, local_base_bytes(model))
+        info["base_bytes_per_rank"] = held = run.gather(local_base_bytes(model))
         run.log(f"--fsdp: blocks sharded over {run.world} rank(s), holding {', '.join(f'{b / 2**20:.2f}' for b in held)} "
                 f"MB of the base (embeddings, norms and lm_head whole on each)")
     if run.rank:   # rank 0 keeps the seed's stream (one process gives the same run with or without torchrun);
@@ -556,14 +556,6 @@ def all_reduce_gradients(params):
         off += p.numel()
 
 
-def every_rank(run: Run, value) -> list:
-    """`value` of every rank, in rank order (a collective under torchrun: every rank must call it)."""
-    every = [value] * run.world
-    if run.world > 1:
-        dist.all_gather_object(every, value)
-    return every
-
-
 def status_bytes(field: str) -> int:
     """A memory line of /proc/self/status in bytes: VmRSS (resident now), VmHWM (peak resident)."""
     with open("/proc/self/status") as f:
@@ -716,7 +708,7 @@ def train(cfg: TrainConfig) -> dict:
                        memory=memory_breakdown(model, opt), runtime_rss=runtime_rss, out=str(run.out),
                        tokens_per_step=tokens * run.world / max(1, step - first), max_padded_tokens_per_micro_batch=max_micro,
                        **({"base_bytes_per_rank": info["base_bytes_per_rank"],
-                           "peak_mem_per_rank": every_rank(run, peak_memory(run.device))} if cfg.fsdp else {}))
+                           "peak_mem_per_rank": run.gather(peak_memory(run.device))} if cfg.fsdp else {}))
         if step < total:
             save(run, model, opt, step)
             run.log(f"stopped ({stopped}): checkpoint saved at step {step} in {run.out}; continue with the same "
