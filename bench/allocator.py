@@ -40,6 +40,8 @@ def main():
     glibc = dict(PURE_QLORA_ALLOCATOR="glibc")
     cands = {f"glibc, mmap threshold {kb} KB": (glibc, ["--cpu-mmap-kb", str(kb)]) for kb in (256, 1024, 32768)}
     cands.update({n: (dict(PURE_QLORA_ALLOCATOR=n), []) for n in FASTEST_FIRST if find(n)})
+    if find("mimalloc"):   # what preload() changes: mimalloc's own default returns memory freed for 10 ms
+        cands["mimalloc, purge delay 10 ms"] = (dict(PURE_QLORA_ALLOCATOR="mimalloc", MIMALLOC_PURGE_DELAY="10"), [])
     for spec in a.preload:
         name, _, path = spec.partition("=")
         cands[name] = (dict(glibc, LD_PRELOAD=path), [])
