@@ -467,6 +467,37 @@ def test_the_log_names_the_allocator(tiny_run, tmp_path):
     assert r.returncode == 0 and "allocator mimalloc" in r.stdout, r.stderr
 
 
+REUSE = r"""
+import resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import allocator
+allocator.preload()
+import torch
+faults = []
+for i in range(6):   # a step's activations: allocated, written, freed, then a pause longer than 10 ms
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    xs = [torch.ones(1 << 20) for _ in range(16)]   # 16 x 4 MB
+    del xs
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    time.sleep(0.05)
+print(allocator.name(), max(faults[1:]))
+"""
+
+
+def test_mimalloc_reuses_freed_memory_without_page_faults():
+    """Memory freed in one step is reused by the next without faulting its pages in again: preload()
+    keeps mimalloc from returning it to the OS after its default 10 ms (a caller's own setting wins,
+    and shows what the default did)."""
+    from allocator import mimalloc_path
+    assert mimalloc_path()
+    run = lambda **env: subprocess.run([sys.executable, "-c", REUSE, str(ROOT)], capture_output=True, text=True,
+                                       env=dict(os.environ, PURE_QLORA_ALLOCATOR="mimalloc", **env), timeout=120)
+    kept, purged = run(), run(MIMALLOC_PURGE_DELAY="10")
+    assert kept.returncode == 0 and purged.returncode == 0, kept.stderr + purged.stderr
+    (name, kept), (_, purged) = kept.stdout.split(), purged.stdout.split()
+    assert name == "mimalloc" and int(kept) <= 20 and int(purged) >= 200, (kept, purged)
+
+
 @pytest.mark.parametrize("qlora", [False, True])
 def test_compiled_blocks_train_like_eager(tiny_run, tmp_path, qlora):
     """--compile: the same gradients as eager on micro-batches of different lengths and segment counts,
