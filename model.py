@@ -228,8 +228,17 @@ def segment_attention(q, k, v, spans: torch.Tensor, gqa: bool):
         flat = lambda t: t.transpose(1, 2).reshape(B * T, t.shape[1], D).index_select(0, index)
         y = varlen_attn(flat(q), flat(k), flat(v), cu, cu, T, T, window_size=(-1, 0), enable_gqa=gqa)
         return q.new_zeros(B * T, H, D).index_copy(0, index, y).view(B, T, H, D).transpose(1, 2)
+    rows = spans.tolist()
+    if q.shape[0] == 1 and rows and rows[0][1] == 0 and rows[-1][2] == q.shape[2] \
+            and all(a[2] == b[1] for a, b in zip(rows, rows[1:])):
+        # The segments tile one row (the CPU's flat micro-batches): split, attend, concatenate. Autograd
+        # turns these into one concatenation and views; writing slices of a zero tensor instead would
+        # make it build and add a zero tensor of the whole row for each segment of each of q, k and v.
+        n = [e - s for _, s, e in rows]
+        return torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=gqa)
+                          for a, b, c in zip(q.split(n, 2), k.split(n, 2), v.split(n, 2))], 2)
     y = q.new_zeros(q.shape)
-    for b, s, e in spans.tolist():
+    for b, s, e in rows:
         y[b:b + 1, :, s:e] = F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
                                                             v[b:b + 1, :, s:e], is_causal=True, enable_gqa=gqa)
     return y

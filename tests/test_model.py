@@ -446,6 +446,25 @@ def test_varlen_segment_attention_equals_the_loop(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+def test_segments_tiling_one_row_attend_each_on_its_own():
+    """A CPU micro-batch is one row its segments tile (split and concatenated, not written into zeros):
+    outputs and gradients equal each segment's attention computed alone."""
+    import model
+    torch.manual_seed(0)
+    q = torch.randn(1, 6, 13, 8, requires_grad=True)
+    k, v = (torch.randn(1, 3, 13, 8, requires_grad=True) for _ in range(2))
+    w = torch.linspace(-1, 1, 13 * 8).view(13, 8)
+    y = model.segment_attention(q, k, v, torch.tensor([[0, 0, 5], [0, 5, 6], [0, 6, 13]]), True)
+    (y * w).sum().backward()
+    for s, e in ((0, 5), (5, 6), (6, 13)):
+        a, b, c = (t.detach()[:, :, s:e].requires_grad_() for t in (q, k, v))
+        alone = torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True)
+        (alone * w[s:e]).sum().backward()
+        torch.testing.assert_close(y[:, :, s:e], alone, atol=1e-6, rtol=0)
+        for t, g in ((q, a), (k, b), (v, c)):
+            torch.testing.assert_close(t.grad[:, :, s:e], g.grad, atol=1e-6, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_varlen_segment_attention_on_cuda(monkeypatch):
     """torch's own flash varlen kernel (bf16) against the per-segment SDPA loop, forward and backward."""
