@@ -13,8 +13,11 @@ line once with LD_PRELOAD naming the allocator. Under torchrun every worker does
 
 Measured side by side on this project's 2-core AVX2 machine, fp32 (python bench/allocator.py; LoRA / QLoRA
 real tokens/s, peak RSS): tcmalloc 136 / 120 (1.78 / 1.41 GB), jemalloc 121 / 116 (1.78 / 1.43 GB), mimalloc
-120 / 109 (1.87 / 1.50 GB), glibc with a 256 KB mmap threshold 83 / 69 (1.73 / 1.40 GB). So the first one
-installed wins, in that order. Only mimalloc comes from PyPI (the cmeel-mimalloc wheel, in
+120 / 109 (1.87 / 1.50 GB), glibc with a 256 KB mmap threshold 83 / 69 (1.73 / 1.40 GB). mimalloc then still
+returned memory freed for 10 ms to the OS; kept for reuse (preload() sets MIMALLOC_PURGE_DELAY), it ran as fast
+as tcmalloc on a 2-core Xeon (AMX), fp32: tcmalloc 349 / 314 (1.82 / 1.45 GB), mimalloc 351 / 314 (1.95 / 1.59
+GB), its 10 ms default 279 / 206 (1.89 / 1.50 GB), jemalloc 331 / 296, glibc 256 KB 194 / 172. So the first one
+installed wins, in that order: tcmalloc is as fast and leaner. Only mimalloc comes from PyPI (the cmeel-mimalloc wheel, in
 requirements.txt), so a fresh machine gets it; tcmalloc and jemalloc come from the system
 (Debian/Ubuntu: libtcmalloc-minimal4, libjemalloc2). PURE_QLORA_ALLOCATOR=tcmalloc|jemalloc|mimalloc
 picks one, =glibc keeps glibc.
