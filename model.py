@@ -229,12 +229,10 @@ def segment_attention(q, k, v, spans: torch.Tensor, gqa: bool):
         y = varlen_attn(flat(q), flat(k), flat(v), cu, cu, T, T, window_size=(-1, 0), enable_gqa=gqa)
         return q.new_zeros(B * T, H, D).index_copy(0, index, y).view(B, T, H, D).transpose(1, 2)
     rows = spans.tolist()
-    if q.shape[0] == 1 and rows and rows[0][1] == 0 and rows[-1][2] == q.shape[2] \
-            and all(a[2] == b[1] for a, b in zip(rows, rows[1:])):
-        # The segments tile one row (the CPU's flat micro-batches): split, attend, concatenate. Autograd
-        # turns these into one concatenation and views; writing slices of a zero tensor instead would
-        # make it build and add a zero tensor of the whole row for each segment of each of q, k and v.
-        n = [e - s for _, s, e in rows]
+    starts, ends = [s for _, s, _ in rows], [e for _, _, e in rows]
+    if q.shape[0] == 1 and rows and starts == [0] + ends[:-1] and ends[-1] == q.shape[2]:
+        # Segments tiling one row (CPU micro-batches): split + cat, whose backward makes no zero row per segment
+        n = [e - s for s, e in zip(starts, ends)]
         return torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=gqa)
                           for a, b, c in zip(q.split(n, 2), k.split(n, 2), v.split(n, 2))], 2)
     y = q.new_zeros(q.shape)
