@@ -166,6 +166,34 @@ def test_fsdp_resume_is_exact(tiny_run, tmp_path):
         torch.testing.assert_close(pm(ids).logits, ours(ids), atol=1e-4, rtol=0)
 
 
+def test_fsdp_sigterm_to_one_rank_leaves_a_checkpoint_all_agree_on(tiny_run, tmp_path):
+    """SIGTERM to rank 1 only: both ranks stop after the same step and write one checkpoint with both
+    ranks' optimizer shards; --resume from it ends where one process ends without a stop."""
+    import signal
+    import time
+    from test_train import _pids_of_rank
+    steps = 30
+    one = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "one"), batch_size=6, max_steps=steps, qlora=True))
+    args = cli_args(tiny_run, tmp_path / "fsdp", 3, steps, qlora=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29556",
+           str(ROOT / "train.py"), *map(str, args)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    metrics = tmp_path / "fsdp" / "metrics.jsonl"
+    while p.poll() is None and not (metrics.is_file() and metrics.read_text().count('"loss"') >= 2):
+        time.sleep(0.01)
+    (rank1,) = _pids_of_rank(p.pid, 1)
+    os.kill(rank1, signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert "stopped (a signal to another rank): checkpoint saved at step" in out, (out + err)[-3000:]
+    from formats import load_state
+    tensors, meta = load_state(tmp_path / "fsdp" / "checkpoint.safetensors")
+    assert meta["world"] == 2 and {k.split(".")[0] for k in tensors if ".optimizer." in k} == {"rank0", "rank1"}
+    assert meta["step"] < steps
+    r = torchrun(2, 29557, args + ["--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_adapter(_adapter(one["out"]), _adapter(tmp_path / "fsdp"))
+
+
 def test_fsdp_two_nodes_equal_one(tiny_run, tmp_path):
     """Two torchrun launches, one process each, joined by a local rendezvous as two nodes would be:
     nothing assumes one node, and the run equals one process with the same global batch."""
