@@ -708,7 +708,8 @@ def train(cfg: TrainConfig) -> dict:
                        memory=memory_breakdown(model, opt), runtime_rss=runtime_rss, out=str(run.out),
                        tokens_per_step=tokens * run.world / max(1, step - first), max_padded_tokens_per_micro_batch=max_micro,
                        **({"base_bytes_per_rank": info["base_bytes_per_rank"],
-                           "peak_mem_per_rank": run.gather(peak_memory(run.device))} if cfg.fsdp else {}))
+                           "peak_mem_per_rank": run.gather(peak_memory(run.device)),
+                           "load_peak_mem_per_rank": run.gather(info["load_peak_mem"])} if cfg.fsdp else {}))
         if step < total:
             save(run, model, opt, step)
             run.log(f"stopped ({stopped}): checkpoint saved at step {step} in {run.out}; continue with the same "

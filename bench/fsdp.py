@@ -45,12 +45,14 @@ def main():
             s = json.loads(Path(f"{tmp}/run/summary.json").read_text())
         rows.append((world, s))
         print(f"world {world}: base held per rank {', '.join(f'{b / 2**20:.1f}' for b in s['base_bytes_per_rank'])} MB; "
-              f"peak memory per rank {', '.join(f'{m / 2**30:.2f}' for m in s['peak_mem_per_rank'])} GB; "
+              f"peak memory per rank {', '.join(f'{m / 2**30:.2f}' for m in s['peak_mem_per_rank'])} GB (while loading "
+              f"{', '.join(f'{m / 2**30:.2f}' for m in s['load_peak_mem_per_rank'])}); "
               f"{s['tokens_per_s']:.1f} real tokens/s in all; final loss {s['final_loss']:.4f}", flush=True)
     one = rows[0][1]
     for world, s in rows[1:]:
         print(f"world {world} vs {rows[0][0]}: base per rank {max(s['base_bytes_per_rank']) / max(one['base_bytes_per_rank']):.2f}x, "
-              f"peak per rank {max(s['peak_mem_per_rank']) / max(one['peak_mem_per_rank']):.2f}x, "
+              f"peak per rank {max(s['peak_mem_per_rank']) / max(one['peak_mem_per_rank']):.2f}x (loading "
+              f"{max(s['load_peak_mem_per_rank']) / max(one['load_peak_mem_per_rank']):.2f}x), "
               f"losses equal to {max(abs(x - y) for x, y in zip(s['losses'], one['losses'])):.1e}")
 
 
