@@ -628,6 +628,11 @@ def _is_quantizable(name: str) -> bool:
     return name.startswith("model.layers.") and name.endswith("_proj.weight")
 
 
+def _block_of(name: str) -> int | None:
+    """The block a parameter name belongs to (model.layers.<i>....), or None."""
+    return int(name.split(".")[2]) if name.startswith("model.layers.") else None
+
+
 class _Placer:
     """Fills a model built on the meta device, one tensor at a time, as the tensors arrive."""
 
@@ -637,8 +642,7 @@ class _Placer:
         self.seen = set()
         self.on_block, self.left = on_block, {}   # tensors each block still waits for
         for n in self.expected if on_block else ():
-            if n.startswith("model.layers."):
-                i = int(n.split(".")[2])
+            if (i := _block_of(n)) is not None:
                 self.left[i] = self.left.get(i, 0) + 1
 
     def place(self, name: str, tensor: torch.Tensor):
@@ -669,8 +673,7 @@ class _Placer:
             setattr(mod, pname, nn.Parameter(t, requires_grad=False))
             if tensor.nbytes > 1 << 24:
                 release_freed_memory()
-        if self.on_block and name.startswith("model.layers."):   # a block whole: the caller may take it now
-            i = int(name.split(".")[2])
+        if self.on_block and (i := _block_of(name)) is not None:   # a block whole: the caller may take it now
             self.left[i] -= 1
             if not self.left[i]:
                 self.on_block(i, self.model.model.layers[i])

@@ -90,6 +90,11 @@ def move_unsharded(model, device: torch.device) -> None:
             m._apply(lambda t: t.to(device), recurse=False)
 
 
+def local_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor this rank holds: its shard's, for a sharded one."""
+    return local(t).numel() * t.element_size()
+
+
 def local_base_bytes(model) -> int:
     """Bytes of the frozen base this rank holds: its shards of the blocks' weights and codes, plus what is
     kept whole (buffers, embeddings, norms, lm_head)."""
@@ -98,6 +103,5 @@ def local_base_bytes(model) -> int:
         if t.requires_grad or id(t) in seen:
             continue
         seen.add(id(t))   # a tied lm_head is the embedding
-        x = local(t)
-        n += x.numel() * x.element_size()
+        n += local_bytes(t)
     return n

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from data import (IGNORE, check_eos, collate, collate_packed, encode_chat, encode_example, load_examples,
                   load_tokenizer, pack, prompt_format, show_example)
 from formats import build_empty, gpu_dtype, load_model, read_args
-from fsdp import device_mesh, full, is_sharded, local, local_base_bytes, move_unsharded, shard_block
+from fsdp import device_mesh, full, is_sharded, local_base_bytes, local_bytes, move_unsharded, shard_block
 from generate import generate_batch
 from lora import (apply_loftq, apply_lora, base_fingerprint, lora_layers, lora_scaling, loftq_quantizer, save_loftq_base,
                   use_loftq_base)
@@ -574,12 +574,11 @@ def memory_breakdown(model, opt) -> dict:
     lora = [p for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight, m.lora_magnitude_vector)
             if p is not None]
     ids = {id(p) for p in lora}
-    size = lambda t: local(t).numel() * t.element_size()
-    base = sum(size(p) for p in model.parameters() if id(p) not in ids)
-    base += sum(size(b) for m in model.modules() if isinstance(m, NF4Linear) for b in m.buffers())
-    adapters = sum(size(p) for p in lora)
+    base = sum(local_bytes(p) for p in model.parameters() if id(p) not in ids)
+    base += sum(local_bytes(b) for m in model.modules() if isinstance(m, NF4Linear) for b in m.buffers())
+    adapters = sum(local_bytes(p) for p in lora)
     state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
-    return dict(base_weights=base, adapters=adapters, gradients=adapters, optimizer_states=sum(size(t) for t in state))
+    return dict(base_weights=base, adapters=adapters, gradients=adapters, optimizer_states=sum(local_bytes(t) for t in state))
 
 
 def runtime_bytes(model, opt) -> int:

@@ -170,17 +170,14 @@ def test_fsdp_sigterm_to_one_rank_leaves_a_checkpoint_all_agree_on(tiny_run, tmp
     """SIGTERM to rank 1 only: both ranks stop after the same step and write one checkpoint with both
     ranks' optimizer shards; --resume from it ends where one process ends without a stop."""
     import signal
-    import time
-    from test_train import _pids_of_rank
+    from test_train import _pids_of_rank, _wait_for_steps
     steps = 30
     one = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "one"), batch_size=6, max_steps=steps, qlora=True))
     args = cli_args(tiny_run, tmp_path / "fsdp", 3, steps, qlora=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29556",
            str(ROOT / "train.py"), *map(str, args)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    metrics = tmp_path / "fsdp" / "metrics.jsonl"
-    while p.poll() is None and not (metrics.is_file() and metrics.read_text().count('"loss"') >= 2):
-        time.sleep(0.01)
+    _wait_for_steps(p, tmp_path / "fsdp" / "metrics.jsonl", 2)
     (rank1,) = _pids_of_rank(p.pid, 1)
     os.kill(rank1, signal.SIGTERM)
     out, err = p.communicate(timeout=300)

@@ -209,13 +209,11 @@ def test_sigterm_then_resume_equals_uninterrupted(tiny_run, tmp_path):
     """SIGTERM mid-run: the step under way finishes, a checkpoint is written, exit code 75; --resume
     then ends with exactly the adapter of a run that was never stopped (dropout on: RNG restored)."""
     import signal
-    import time
     args = ("--max-steps", "300", "--dropout", "0.1")
     p = subprocess.Popen(_cli(tiny_run, tmp_path / "part", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     metrics = tmp_path / "part" / "metrics.jsonl"
-    while p.poll() is None and not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):
-        time.sleep(0.01)
+    _wait_for_steps(p, metrics, 3)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 75, err[-2000:]
@@ -246,11 +244,17 @@ def _pids_of_rank(parent: int, rank: int) -> list[int]:
     return out
 
 
+def _wait_for_steps(p, metrics: Path, n: int):
+    """Until the run in process p has logged n steps in its metrics.jsonl (or has ended)."""
+    import time
+    while p.poll() is None and not (metrics.is_file() and metrics.read_text().count('"loss"') >= n):
+        time.sleep(0.01)
+
+
 def test_sigterm_to_one_rank_stops_all_at_the_same_step(tiny_run, tmp_path):
     """Under torchrun a signal that reaches one rank only stops every rank after the same step, with one
     checkpoint; --resume under torchrun then ends exactly where a torchrun run never stopped ends."""
     import signal
-    import time
     model, data = tiny_run
     run_args = ["--model", str(model), "--data", str(data), "--out", str(tmp_path / "two"), "--eval-examples", "8",
                 "--max-steps", "200", "--batch-size", "2", "--seq-len", "64", "--lr", "5e-3", "--warmup-steps", "1",
@@ -259,9 +263,7 @@ def test_sigterm_to_one_rank_stops_all_at_the_same_step(tiny_run, tmp_path):
                 str(ROOT / "train.py")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen(torchrun + run_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics = tmp_path / "two" / "metrics.jsonl"
-    while p.poll() is None and not (metrics.is_file() and metrics.read_text().count('"loss"') >= 3):
-        time.sleep(0.01)
+    _wait_for_steps(p, tmp_path / "two" / "metrics.jsonl", 3)
     (rank0,), (rank1,) = _pids_of_rank(p.pid, 0), _pids_of_rank(p.pid, 1)
     from allocator import choose
     chosen, lib = choose()
