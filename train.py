@@ -762,6 +762,8 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         summary = show(cfg) if cfg.show_example else train(cfg)
+        if dist.is_initialized():   # every rank done before any closes its connections: a rank leaving
+            dist.barrier()          # first was seen to abort a peer still in gloo (SIGABRT at exit)
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(4)

@@ -187,7 +187,7 @@ def test_fsdp_sigterm_to_one_rank_leaves_a_checkpoint_all_agree_on(tiny_run, tmp
     assert meta["world"] == 2 and {k.split(".")[0] for k in tensors if ".optimizer." in k} == {"rank0", "rank1"}
     assert meta["step"] < steps
     r = torchrun(2, 29557, args + ["--resume"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert_same_adapter(_adapter(one["out"]), _adapter(tmp_path / "fsdp"))
 
 
