@@ -760,31 +760,48 @@ def finish(run: Run, model, opt, summary: dict, eval_batches, t_start, metrics, 
 
 def main(argv=None):
     cfg = parse_args(argv)
+    code = 0
     try:
         summary = show(cfg) if cfg.show_example else train(cfg)
-        if dist.is_initialized():   # every rank done before any closes its connections: a rank leaving
-            dist.barrier()          # first was seen to abort a peer still in gloo (SIGABRT at exit)
+        code = 75 if summary.get("interrupted") else 0
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(4)
+        code = 4
     except SaveFailed as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(74)
+        code = 74
     except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except torch.OutOfMemoryError as e:
         print(f"error: out of memory ({str(e).splitlines()[0]}); try --qlora, --grad-checkpoint, a smaller "
               "--batch-size (with --grad-accum to keep the batch) or a shorter --seq-len", file=sys.stderr)
-        sys.exit(3)
+        code = 3
     except KeyboardInterrupt:
         print("\nstopped at once (a second Ctrl-C), without a checkpoint", file=sys.stderr)
-        sys.exit(130)
+        code = 130
     finally:
-        if dist.is_initialized():   # now: left to the interpreter's exit, gloo with FSDP can abort the process
-            dist.destroy_process_group()   # ("terminate called without an active exception", seen at 3 ranks)
-    if summary.get("interrupted"):
-        sys.exit(75)
+        distributed = dist.is_initialized()
+        if distributed:
+            dist.destroy_process_group()
+    if distributed:
+        leave_without_finalizing(code)
+    if code:
+        sys.exit(code)
+
+
+def leave_without_finalizing(code: int):
+    """End a torchrun worker with os._exit, everything written and flushed, skipping the interpreter's
+    finalization. gloo's worker threads free each finished collective themselves, and one launched in
+    backward holds a Python object (autograd's context) that needs the GIL to be freed. If a thread gets
+    there after finalization began, CPython ends it inside a C++ destructor and the process aborts
+    ("terminate called without an active exception", SIGABRT: a finished run reported failed. Seen in
+    CI; a core dump showed the main thread in Py_FinalizeEx and a pt_gloo_runloop thread freeing a
+    barrier's prior all-reduce). Destroying the group would join those threads first, but DTensor's
+    sharding cache keeps the device mesh, and with it the group, alive to the end."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

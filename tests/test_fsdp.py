@@ -88,7 +88,7 @@ def held_by_one(tiny_run, qlora):
 
 
 WORKER = '''
-import json, sys, torch, torch.distributed as dist
+import json, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from torch.distributed.tensor import DTensor
 from formats import load_model
@@ -114,7 +114,9 @@ m(torch.randint(0, 300, (1, 9))).sum().backward()
 row = [seen[0].__name__, type(q.packed).__name__, local(q.packed).numel(), q.packed.numel(),
        local(m.model.layers[1].mlp.down_proj.lora_A.weight).shape[0], len(done), all(earlier_sharded)]
 open(f"{sys.argv[3]}/rank{dist.get_rank()}.json", "w").write(json.dumps(row))
-dist.barrier()   # as train.py ends: no rank tears gloo down while another still talks to it
+dist.barrier()
+dist.destroy_process_group()
+os._exit(0)   # as train.py ends under torchrun (train.leave_without_finalizing: gloo can abort a finalizing process)
 '''
 
 
