@@ -242,8 +242,9 @@ def segment_attention(q, k, v, spans: torch.Tensor, gqa: bool):
     return y
 
 
-try:
-    from torch.nn.attention.varlen import varlen_attn   # flash attention over packed sequences, where torch has it
+try:   # flash attention over packed sequences where torch has it; 2.10's (no causal windows, no GQA) is left out
+    from torch.nn.attention.varlen import varlen_attn
+    varlen_attn = varlen_attn if "enable_gqa" in (varlen_attn.__kwdefaults__ or {}) else None
 except ImportError:
     varlen_attn = None
 
@@ -279,8 +280,7 @@ class SwiGLU(torch.autograd.Function):
         # In fp32 whatever the dtype (in bf16 the sigmoid's derivative loses ~1% for large gates), cast once.
         gate, up = ctx.saved_tensors
         gf, uf, g32 = gate.float(), up.float(), g.float()
-        sig = torch.sigmoid(gf)
-        silu = gf * sig
+        silu = gf * (sig := torch.sigmoid(gf))
         return (g32 * uf * (sig + silu * (1 - sig))).to(gate.dtype), (g32 * silu).to(up.dtype)
 
 
