@@ -5,6 +5,7 @@ holds of the base, its peak memory, and the speed, on the same global batch.
     python bench/fsdp.py                          # default model, QLoRA, 6 examples per step, 4 steps
     python bench/fsdp.py --lora --worlds 1,2      # LoRA on the 16-bit base
     python bench/fsdp.py --device cuda --worlds 1,2 --model path/to/model   # per-GPU memory on the GPUs at hand
+    python bench/fsdp.py --device cuda --worlds 1 --cpu-offload             # the shards in host memory (FSDP2's CPUOffloadPolicy)
 
 Peak memory is the process's peak RSS on CPU (loading included: a rank holds its shards and one block
 whole while loading) and max_memory_allocated on CUDA (training only).
@@ -28,6 +29,7 @@ def main():
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--lora", action="store_true", help="LoRA on the 16-bit base instead of QLoRA")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--cpu-offload", action="store_true", help="--fsdp-cpu-offload: each GPU's shards in host memory (GPUs only)")
     a = p.parse_args()
     rows = []
     for world in map(int, a.worlds.split(",")):
@@ -38,7 +40,7 @@ def main():
                    "--master_port", str(29600 + world), str(ROOT / "train.py"), "--fsdp", "--model", a.model,
                    "--out", f"{tmp}/run", "--max-steps", str(a.steps), "--batch-size", str(a.batch // world),
                    "--eval-examples", "8", "--warmup-steps", "1", "--device", a.device, "--log-every", "100"]
-            cmd += [] if a.lora else ["--qlora"]
+            cmd += ([] if a.lora else ["--qlora"]) + (["--fsdp-cpu-offload"] if a.cpu_offload else [])
             r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
             if r.returncode:
                 sys.exit(f"world {world} failed:\n{r.stderr[-3000:]}")
