@@ -77,7 +77,13 @@ def shard_block(block, mesh, cpu_offload: bool = False) -> None:
             for name in ("packed", "absmax"):
                 t = m._buffers.pop(name)
                 m.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
-    fully_shard(block, mesh=mesh, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    try:
+        fully_shard(block, mesh=mesh, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    except RuntimeError as e:   # torch 2.11's FSDP2 makes every sharded parameter trainable at first (2.13's does not)
+        if "floating point dtype can require gradients" not in str(e):
+            raise
+        raise ValueError(f"this torch's FSDP2 ({torch.__version__}) cannot shard NF4's integer codes (it makes each "
+                         "sharded parameter trainable); --qlora --fsdp needs a newer torch (2.13 is tested)") from e
     block.set_gradient_divide_factor(1.0)          # sums, not means (see above)
     block.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
 

@@ -80,7 +80,7 @@ def _blockwise_absmax_scale(x: torch.Tensor, block: int):
     full = n - n % block
     xb = x[:full].view(-1, block)
     absmax = xb.abs().amax(dim=1)
-    scaled = (xb * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).view(-1)
+    scaled = (xb * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp_(-1, 1).view(-1)
     if full < n:
         am = x[full:].abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, am[None]])
@@ -110,7 +110,7 @@ def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     first, above, mids, ok = _prefix_tables[key]
     if not ok:
         return torch.bucketize(scaled, mids).to(torch.uint8)
-    prefix = ((scaled.contiguous().view(torch.int32) >> 16) & 0xFFFF).view(-1)
+    prefix = (scaled.contiguous().view(torch.int32) >> 16).bitwise_and_(0xFFFF).view(-1)
     i = first.index_select(0, prefix).view(scaled.shape)
     return i.add_(scaled > above.index_select(0, prefix).view(scaled.shape))
 

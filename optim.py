@@ -209,7 +209,7 @@ class AdamW8bit(torch.optim.Optimizer):
         if wd > 0:
             pf.mul_(1 - lr * wd)   # decoupled weight decay (AdamW), before the Adam step
         if eight_bit:
-            pf.addcdiv_(m, (v.sqrt() / c2).add_(eps), value=-lr / c1)
+            pf.addcdiv_(m, v.sqrt().div_(c2).add_(eps), value=-lr / c1)
             s["m_codes"][...], s["m_absmax"][...] = quantize_blockwise(m, DYNAMIC_SIGNED, BLOCK)
             s["v_codes"][...], s["v_absmax"][...] = quantize_blockwise(v, DYNAMIC_UNSIGNED, BLOCK)
         else:

@@ -30,6 +30,7 @@ BUDGET=${BUDGET:-540}
 PY=${PY:-$(command -v python3 || command -v python)}
 DEVICE=${DEVICE:-cuda}                                  # DEVICE=cpu PRESETS=SmolLM2-135M: a dry run of the script
 PRESETS=${PRESETS:-Llama-3.2-1B SmolLM2-135M}
+FSDP_MODE=${FSDP_MODE:-}                               # --lora: bench/fsdp.py on the 16-bit base
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PURE_QLORA_SKIP_DEFAULT=1
 [ -f .gpu/cache/alpaca_eval.jsonl ] && export PURE_QLORA_CACHE=$PWD/.gpu/cache
@@ -46,8 +47,11 @@ stage() {
     [ "$t" -gt "$cap" ] && t=$cap
     if [ "$t" -lt 20 ]; then echo "== $name: not run, ${t}s left of ${BUDGET}s" | tee -a "$SUMMARY"; return; fi
     echo "== $name (at most ${t}s; $((SECONDS - start))s into the run)" | tee -a "$SUMMARY"
-    timeout -k 10 "$t" "$@" 2>&1 | tee -a "$OUT/$log" | grep -E "$pattern" | tee -a "$SUMMARY"
-    echo "   exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$SUMMARY"
+    # Into the log, not through a pipe: a compile worker left alive would hold a pipe open after the timeout.
+    timeout -k 10 "$t" "$@" >"$OUT/$log" 2>&1
+    local rc=$?
+    grep -E "$pattern" "$OUT/$log" | tee -a "$SUMMARY"
+    echo "   exit $rc after $((SECONDS - start))s" | tee -a "$SUMMARY"
 }
 
 "$PY" - <<'EOF' 2>&1 | tee "$SUMMARY"
@@ -82,8 +86,8 @@ ngpu=$("$PY" -c "import torch; print(max(1, torch.cuda.device_count()))")
 worlds=$("$PY" -c "print(','.join(str(w) for w in (1, 2, 3, 6) if w <= $ngpu))")
 big=${PRESETS%% *}
 for offload in "" --cpu-offload; do
-    stage "$big: bench/fsdp.py --device $DEVICE --worlds $worlds $offload" 60 fsdp.log "^world|rror" \
-        "$PY" bench/fsdp.py --device "$DEVICE" --worlds "$worlds" --model /tmp/pure-qlora-$big $offload
+    stage "$big: bench/fsdp.py --device $DEVICE --worlds $worlds $FSDP_MODE $offload" 60 fsdp$offload.log "^world|rror" \
+        "$PY" bench/fsdp.py --device "$DEVICE" --worlds "$worlds" --model /tmp/pure-qlora-$big $FSDP_MODE $offload
 done
 
 for preset in $(echo $PRESETS | tr ' ' '\n' | tac); do   # the small model first: it compiles faster

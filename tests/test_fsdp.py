@@ -214,3 +214,18 @@ def test_fsdp_flags_that_cannot_work_are_one_clear_error(tiny_run, tmp_path, mon
     monkeypatch.setenv("LOCAL_RANK", "0")
     _fails(_cfg(tiny_run, tmp_path, fsdp=True, qlora=True, init="loftq"), "--fsdp with --init loftq is not supported")
     _fails(_cfg(tiny_run, tmp_path, fsdp=True, fsdp_cpu_offload=True), "on the CPU they are there already")
+
+
+def test_a_torch_whose_fsdp2_cannot_shard_integer_codes_is_one_clear_error(monkeypatch):
+    """torch 2.11's fully_shard wraps each shard in nn.Parameter(requires_grad=True) before it copies the flag,
+    which an integer tensor refuses (seen on a GPU machine with torch 2.11): --qlora --fsdp then says so."""
+    import torch.distributed.fsdp as F
+    from fsdp import shard_block
+    from nf4 import NF4Linear
+
+    def refuse(module, **kw):
+        raise RuntimeError("only Tensors of floating point dtype can require gradients")
+    monkeypatch.setattr(F, "fully_shard", refuse)
+    block = torch.nn.Sequential(NF4Linear.from_weight(torch.randn(8, 64)))
+    with pytest.raises(ValueError, match="cannot shard NF4's integer codes"):
+        shard_block(block, mesh=None)

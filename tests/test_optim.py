@@ -98,24 +98,29 @@ def test_state_dict_resume_is_exact():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="paging needs CUDA")
 def test_paged_on_cuda_bounded_and_equal():
+    """Paged, the states live in host memory and a step holds at most two runs' states on the GPU (the one being
+    updated and the next, prefetched) on top of the working copies that an unpaged step makes too; the
+    parameters come out bit for bit the same. (Each 2048 x 2048 parameter is a run of its own.)"""
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(2048, 2048, device="cuda")) for _ in range(4)]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     paged, plain = AdamW8bit(ps, lr=1e-3, paged=True), AdamW8bit(qs, lr=1e-3)
-    for _ in range(3):
+    for _ in range(3):   # the last step's peaks count: the first one also allocates the unpaged states
         for p, q in zip(ps, qs):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        paged.step()
-        peak = torch.cuda.max_memory_allocated() - base
-        plain.step()
+        peaks = []
+        for opt in (paged, plain):
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            opt.step()
+            peaks.append(torch.cuda.max_memory_allocated() - base)
     assert all(t.device.type == "cpu" for st in paged.state.values() for t in st.values() if torch.is_tensor(t))
-    one = 2 * 2048 * 2048 * 1   # one parameter's 8-bit states
-    # Two parameters' states in flight (current + prefetched) plus fp32 working copies of one.
-    assert peak < 2 * one + 4 * 2048 * 2048 * 4, peak
+    run = 2 * 2048 * 2048 + 2 * 4 * 2048 * 2048 // 256   # one parameter's 8-bit states and their absmax
+    print(f"step's peak above the resident tensors: paged {peaks[0] / 2**20:.1f} MB, unpaged {peaks[1] / 2**20:.1f} MB; "
+          f"one run's states {run / 2**20:.1f} MB")
+    assert peaks[0] <= peaks[1] + 2 * run, peaks
     for p, q in zip(ps, qs):
         assert torch.equal(p, q)
 
