@@ -56,12 +56,15 @@ class LoRALinear(nn.Module):
         # The adapters are fp32 master weights whatever the base's dtype: they are tiny (r * (in + out)),
         # and bf16 updates of lr * grad ~ 1e-6 would round to nothing. The matmuls run in the input's dtype.
         # Named lora_A / lora_B as in peft, so the file keys map one to one.
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=torch.float32)
+        # Drawn on the CPU, then moved: the same seed gives the same adapter on a CPU, a GPU (whose generator
+        # draws other numbers) or sharded with --fsdp (drawn over an empty model, on the CPU).
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, dtype=torch.float32)
         # Kaiming-uniform with a = sqrt(5) is nn.Linear's own default init (and peft's): A starts as a
         # random projection of the input, B at zero, so only B moves the output at first.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(device), self.lora_B.to(device)
         self.merged = False
         self._norm_cache = None
         # DoRA's magnitude (peft's name and place: `<layer>.lora_magnitude_vector`), fp32 like A and B
