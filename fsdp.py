@@ -43,12 +43,17 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def set_full(p: torch.Tensor, v: torch.Tensor) -> None:
-    """Copy the whole tensor v into p; into this rank's shard of it if p is sharded (no communication)."""
+def part_of(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a whole tensor v shaped as p, cut as p is sharded (no communication); for a plain p: v."""
     if isinstance(p, DTensor):
         from torch.distributed.tensor import distribute_tensor
-        v = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
-    local(p).copy_(v)
+        return distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+    return v
+
+
+def set_full(p: torch.Tensor, v: torch.Tensor) -> None:
+    """Copy the whole tensor v into p; into this rank's shard of it if p is sharded (no communication)."""
+    local(p).copy_(part_of(p, v))
 
 
 def shard_like(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,17 @@ def device_state_bytes(numels, min_8bit_size: int = 4096, paged: bool = False) -
     return max([a + b for a, b in zip(per, per[1:])] + per[:1], default=0)
 
 
+def fp32_states(st: dict) -> dict:
+    """A parameter's saved Adam states as fp32 exp_avg and exp_avg_sq, dequantized if they are 8-bit codes (of
+    AdamW8bit or torch's AdamW, whose state_dict names them so): what --resume re-cuts for another world size.
+    AdamW8bit.load_state_dict takes them back in this form too, quantizing them into its 8-bit slots."""
+    if "m_codes" not in st:
+        return {k: st[k].float() for k in FP32}
+    codes = lambda k: st[k].to(torch.uint8)   # load_state_dict may have cast them to float
+    return dict(exp_avg=dequantize_blockwise(codes("m_codes"), st["m_absmax"].float(), DYNAMIC_SIGNED, BLOCK),
+                exp_avg_sq=dequantize_blockwise(codes("v_codes"), st["v_absmax"].float(), DYNAMIC_UNSIGNED, BLOCK))
+
+
 class AdamW8bit(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  paged: bool = False, min_8bit_size: int = 4096):
@@ -108,6 +119,9 @@ class AdamW8bit(torch.optim.Optimizer):
         for p in params:
             st, old = self.state[p], dict(self.state[p])
             st["step"] = old.get("step", 0)
+            if self.slots[p][0] == "8bit" and "exp_avg" in old:   # fp32 states re-cut for another world size
+                old["m_codes"], old["m_absmax"] = quantize_blockwise(old.pop("exp_avg").float(), DYNAMIC_SIGNED, BLOCK)
+                old["v_codes"], old["v_absmax"] = quantize_blockwise(old.pop("exp_avg_sq").float(), DYNAMIC_UNSIGNED, BLOCK)
             for k, view in self._views(p).items():
                 if k in old:
                     view.copy_(old[k].reshape(view.shape))

@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 
 from formats import load_state, save_state
-from fsdp import local, set_full, shard_like
+from fsdp import local, part_of, set_full, shard_like
 from lora import PEFT_PREFIX, adapter_tensors, base_fingerprint, check_base, save_adapter
+from optim import fp32_states
 
 
 class Diverged(RuntimeError):
@@ -41,9 +42,9 @@ class SaveFailed(RuntimeError):
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "pure-qlora training checkpoint, version 1"
-# What must not change between a run and its --resume: the data order, the adapter's shape, the batch.
-RESUME_KEYS = ("model", "data", "rank", "targets", "qlora", "seq_len", "batch_size", "grad_accum", "seed", "dora",
-               "init", "loftq_iters", "fsdp")
+# What must not change between a run and its --resume: the data order, the adapter's shape (and the examples
+# of each step: --batch-size x --grad-accum x processes, checked on its own, so the number of processes may change).
+RESUME_KEYS = ("model", "data", "rank", "targets", "qlora", "seq_len", "seed", "dora", "init", "loftq_iters", "fsdp")
 OLDER_RUNS = dict(dora=False, init="kaiming", loftq_iters=1, fsdp=False)   # what checkpoints from before these flags ran
 
 
@@ -184,9 +185,11 @@ def resume(run: Run, model, opt) -> int:
             if meta["config"].get(k, OLDER_RUNS.get(k)) != getattr(cfg, k):
                 raise ValueError(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} differs from the run's "
                                  f"{meta['config'][k]!r}")
-        if meta["world"] != run.world:
-            raise ValueError(f"it was saved by {meta['world']} process(es), this run has {run.world} (the batch "
-                             "of each step would change)")
+        saved, world = meta["config"], meta["world"]
+        if saved["batch_size"] * saved["grad_accum"] * world != cfg.batch_size * cfg.grad_accum * run.world:
+            raise ValueError(f"its steps took {saved['batch_size'] * saved['grad_accum'] * world} examples each "
+                             f"({world} process(es) x --batch-size {saved['batch_size']} x --grad-accum "
+                             f"{saved['grad_accum']}), this run's would take {cfg.batch_size * cfg.grad_accum * run.world}")
         check_base(model, meta["base_fingerprint"], str(path), meta["config"]["model"], cfg.force)
         named = dict(model.named_parameters())
         adapters = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
@@ -195,11 +198,7 @@ def resume(run: Run, model, opt) -> int:
         for k, v in adapters.items():
             if v.shape != named[k].shape:
                 raise ValueError(f"{k} has shape {tuple(v.shape)}, the model's is {tuple(named[k].shape)}")
-        state, own = {}, f"rank{run.rank}." if cfg.fsdp and run.world > 1 else ""
-        for k, v in tensors.items():
-            if k.startswith(own + "optimizer."):
-                _, i, key = k[len(own):].split(".", 2)
-                state.setdefault(int(i), {})[key] = v
+        state = optimizer_states(tensors, world, run, opt)
         for i, d in meta["optimizer"]["scalars"].items():
             state.setdefault(int(i), {}).update(d)
         groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
@@ -215,7 +214,8 @@ def resume(run: Run, model, opt) -> int:
                 set_full(named[k], v)
         if "grad_scaler" in meta and run.scaler is not None:
             run.scaler.load_state_dict(meta["grad_scaler"])
-        torch.set_rng_state(tensors[f"rng.cpu.{run.rank}"])
+        if f"rng.cpu.{run.rank}" in tensors:   # a rank the saving run did not have keeps its seeded stream
+            torch.set_rng_state(tensors[f"rng.cpu.{run.rank}"])
         if run.device.type == "cuda" and f"rng.cuda.{run.rank}" in tensors:
             torch.cuda.set_rng_state(tensors[f"rng.cuda.{run.rank}"], run.device)
         step = int(meta["step"])
@@ -225,6 +225,34 @@ def resume(run: Run, model, opt) -> int:
     run.saved_step = step
     run.log(f"resumed from {path} at step {step}")
     return step
+
+
+def optimizer_states(tensors: dict, world: int, run: Run, opt) -> dict:
+    """This rank's optimizer states from a checkpoint saved by `world` processes. Under --fsdp each saved rank
+    holds the states of its own shards (`rank{r}.optimizer.*`): at the same world size this rank takes its own;
+    at another, every parameter's states are put whole again from all the saved ranks' parts (as fp32:
+    8-bit codes dequantized) and cut as this run shards the parameter (AdamW8bit requantizes them into its
+    blocks, which no longer fall where they did: 8-bit states resume within their quantization error)."""
+    parts = [{} for _ in range(world if run.cfg.fsdp and world > 1 else 1)]
+    for k, v in tensors.items():
+        r, key = (int(k[4:k.index(".")]), k[k.index(".") + 1:]) if len(parts) > 1 and k.startswith("rank") else (0, k)
+        if key.startswith("optimizer."):
+            _, i, name = key.split(".", 2)
+            parts[r].setdefault(int(i), {})[name] = v
+    if len(parts) == 1 and not (run.cfg.fsdp and run.world > 1):
+        return parts[0]   # one saved copy of whole states, for every rank (one process, or data-parallel)
+    if len(parts) == run.world:
+        return parts[run.rank]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for i, p in enumerate(params):
+        if i not in parts[0]:
+            continue   # no step had given it a gradient yet
+        whole = [fp32_states(part[i]) for part in parts]
+        state[i] = {k: part_of(p, torch.cat([w[k] for w in whole]).view(p.shape)) for k in whole[0]}
+        if torch.is_tensor(parts[0][i].get("step")):   # torch's AdamW keeps its step count as a tensor
+            state[i]["step"] = parts[0][i]["step"]
+    return state
 
 
 class Metrics:

@@ -99,7 +99,7 @@ class TrainConfig:
     fsdp: bool = False              # under torchrun: shard each block's base and adapters over the ranks (FSDP2), each keeping 1/N, for models one GPU cannot hold
     fsdp_cpu_offload: bool = False  # with --fsdp on GPUs: keep each rank's shards in host memory, on the GPU only while gathered (FSDP2's CPUOffloadPolicy; the optimizer steps on the CPU): a 70B on 24 GB cards
     compile: bool = False           # torch.compile each block (one compilation serves every layer; the first two steps pay for it)
-    resume: bool = False            # continue the run in --out from its checkpoint
+    resume: bool = False            # continue the run in --out from its checkpoint (the number of processes, --batch-size and --grad-accum may change if each step keeps its examples)
     stop_after: int = 0             # stop after this many steps with a resumable checkpoint (0 = run to the end)
     overwrite: bool = False         # replace an existing run in --out
     force: bool = False             # resume even if the checkpoint was made on another base model

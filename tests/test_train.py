@@ -62,6 +62,19 @@ def test_resume_is_exact(tiny_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_may_split_the_step_into_other_micro_batches(tiny_run, tmp_path):
+    """--resume may change --batch-size and --grad-accum (a smaller micro-batch after running out of memory),
+    not the examples of each step: 4 x 1 stopped at 3 and resumed as 2 x 2 ends where 4 x 1 ends; 2 x 1 is refused."""
+    full = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "full")))
+    assert train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "part"), stop_after=3))["interrupted"]
+    with pytest.raises(ValueError, match="its steps took 4 examples each .* this run's would take 2"):
+        train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "part"), batch_size=2, resume=True))
+    resumed = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "part"), batch_size=2, grad_accum=2, resume=True))
+    assert resumed["steps"] == 6
+    for k, v in _adapter(resumed["out"]).items():
+        torch.testing.assert_close(v, _adapter(full["out"])[k], atol=1e-6, rtol=1e-5)
+
+
 def test_prompt_tokens_carry_no_loss(tiny_run):
     from data import IGNORE, encode_example, load_tokenizer, prompt_format
     tok = load_tokenizer(tiny_run[0])
