@@ -241,7 +241,9 @@ class NF4Linear(nn.Module):
         return cls.from_weight(linear.weight, linear.bias, **kw)
 
     def state(self) -> dict:
-        s = dict(packed=self.packed, absmax=self.absmax, shape=(self.out_features, self.in_features),
+        # Codes are uint8; under --fsdp with an older torch they are held as bf16 pairs of bytes (fsdp.py)
+        codes = lambda t: t if t.dtype in (torch.uint8, torch.float32) else t.view(torch.uint8)
+        s = dict(packed=codes(self.packed), absmax=codes(self.absmax), shape=(self.out_features, self.in_features),
                  dtype=self.orig_dtype, block_size=self.block_size)
         if self.double_quant:
             s.update(nested_absmax=self.nested_absmax, offset=self.offset)

@@ -240,16 +240,41 @@ def test_fsdp_flags_that_cannot_work_are_one_clear_error(tiny_run, tmp_path, mon
     _fails(_cfg(tiny_run, tmp_path, fsdp=True, fsdp_cpu_offload=True), "on the CPU they are there already")
 
 
-def test_a_torch_whose_fsdp2_cannot_shard_integer_codes_is_one_clear_error(monkeypatch):
+def test_a_torch_whose_fsdp2_refuses_integer_parameters_shards_the_codes_as_bf16(monkeypatch):
     """torch 2.11's fully_shard wraps each shard in nn.Parameter(requires_grad=True) before it copies the flag,
-    which an integer tensor refuses (seen on a GPU machine with torch 2.11): --qlora --fsdp then says so."""
+    which an integer tensor refuses (seen on a GPU machine). Such a torch is found by a probe, and the NF4 codes
+    are then handed to it as bf16 pairs of bytes (an odd count padded): the layer still computes the same."""
     import torch.distributed.fsdp as F
-    from fsdp import shard_block
+    import fsdp
     from nf4 import NF4Linear
 
-    def refuse(module, **kw):
-        raise RuntimeError("only Tensors of floating point dtype can require gradients")
-    monkeypatch.setattr(F, "fully_shard", refuse)
-    block = torch.nn.Sequential(NF4Linear.from_weight(torch.randn(8, 64)))
-    with pytest.raises(ValueError, match="cannot shard NF4's integer codes"):
-        shard_block(block, mesh=None)
+    def like_2_11(module, **kw):
+        for p in module.parameters():
+            torch.nn.Parameter(p.detach())   # requires_grad=True first, as 2.11 does
+    monkeypatch.setattr(F, "fully_shard", like_2_11)
+    monkeypatch.setattr(fsdp, "_integer_ok", {})
+    mesh = type("Mesh", (), {"device_type": "cpu"})()
+    assert not fsdp.integer_parameters_shard(mesh)
+    layer = NF4Linear.from_weight(torch.randn(7, 64))   # 224 code bytes, 7 absmax codes: an odd count
+    x = torch.randn(3, 64)
+    before = layer(x)
+    block = torch.nn.Sequential(layer)
+    block.set_gradient_divide_factor = block.set_force_sum_reduction_for_comms = lambda *a: None
+    fsdp.shard_block(block, mesh)
+    assert layer.packed.dtype == layer.absmax.dtype == torch.bfloat16 and not layer.absmax.requires_grad
+    assert torch.equal(layer(x), before)
+
+
+def test_fsdp_with_the_codes_as_bf16_equals_one_process(tiny_run, tmp_path):
+    """The bf16-bytes path for real (forced): world 3, uneven shards of padded byte pairs, QLoRA with checkpointing,
+    the same losses and adapter as one process."""
+    one = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "one"), batch_size=6, max_steps=3, qlora=True,
+                     grad_checkpoint=True))
+    env = dict(ENV, PURE_QLORA_FSDP_CODES_AS_FLOAT="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", "29590",
+           str(ROOT / "train.py"), *map(str, cli_args(tiny_run, tmp_path / "fsdp", 2, 3, qlora=True, grad_checkpoint=True))]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    s = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert s["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert_same_adapter(_adapter(one["out"]), _adapter(tmp_path / "fsdp"))
