@@ -71,7 +71,7 @@ for preset in $PRESETS; do
         --out /tmp/pure-qlora-$preset >>"$OUT/models.log" 2>&1 &
 done
 
-stage "CUDA tests" 170 tests.log "passed|skipped|failed|error|PASSED|FAILED|ERROR|differing|ours - bnb|peak per GPU|losses eager" \
+stage "CUDA tests" 150 tests.log "passed|skipped|failed|error|PASSED|FAILED|ERROR|differing|ours - bnb|peak per GPU|losses eager|step.s peak" \
     "$PY" -m pytest -v -rA -s -p no:cacheprovider --durations=8 -k cuda tests
 wait
 cat "$OUT/models.log" >>"$SUMMARY" && rm "$OUT/models.log"
@@ -91,7 +91,7 @@ for offload in "" --cpu-offload; do
 done
 
 for preset in $(echo $PRESETS | tr ' ' '\n' | tac); do   # the small model first: it compiles faster
-    stage "$preset: bench/train.py --device $DEVICE --compile --steps $STEPS" 150 compile-$preset.log "$BENCH" \
+    stage "$preset: bench/train.py --device $DEVICE --compile --steps $STEPS" 200 compile-$preset.log "$BENCH" \
         "$PY" bench/train.py --device "$DEVICE" --model /tmp/pure-qlora-$preset --steps "$STEPS" --compile
 done
 if [[ "${STAGES:-}" == *peers-compiled* ]]; then
