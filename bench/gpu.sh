@@ -14,7 +14,7 @@
 #   4. bench/train.py --device cuda --compile on both: compile time and steady-state speed against eager
 #      (and, last, with STAGES including peers-compiled, the peers' decoder layers compiled too).
 #
-# A machine that cannot download needs, beside the tree, the tokenizer and the data, and bitsandbytes if it lacks
+# A machine that cannot download needs, beside the tree (in .gpu/, ignored by git: carry it), the tokenizer and the data, and bitsandbytes if it lacks
 # it, prepared where pip works (the files of `python train.py --show-example`; bitsandbytes' wheel unpacked, with
 # only the CUDA library that machine's torch needs):
 #   mkdir -p .gpu/tok .gpu/cache .gpu/site && cp ~/.cache/pure-qlora/alpaca_eval.jsonl .gpu/cache/ &&
