@@ -120,8 +120,8 @@ class AdamW8bit(torch.optim.Optimizer):
             st, old = self.state[p], dict(self.state[p])
             st["step"] = old.get("step", 0)
             if self.slots[p][0] == "8bit" and "exp_avg" in old:   # fp32 states re-cut for another world size
-                old["m_codes"], old["m_absmax"] = quantize_blockwise(old.pop("exp_avg").float(), DYNAMIC_SIGNED, BLOCK)
-                old["v_codes"], old["v_absmax"] = quantize_blockwise(old.pop("exp_avg_sq").float(), DYNAMIC_UNSIGNED, BLOCK)
+                old["m_codes"], old["m_absmax"] = quantize_blockwise(old.pop("exp_avg"), DYNAMIC_SIGNED, BLOCK)
+                old["v_codes"], old["v_absmax"] = quantize_blockwise(old.pop("exp_avg_sq"), DYNAMIC_UNSIGNED, BLOCK)
             for k, view in self._views(p).items():
                 if k in old:
                     view.copy_(old[k].reshape(view.shape))

@@ -186,10 +186,10 @@ def resume(run: Run, model, opt) -> int:
                 raise ValueError(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} differs from the run's "
                                  f"{meta['config'][k]!r}")
         saved, world = meta["config"], meta["world"]
-        if saved["batch_size"] * saved["grad_accum"] * world != cfg.batch_size * cfg.grad_accum * run.world:
-            raise ValueError(f"its steps took {saved['batch_size'] * saved['grad_accum'] * world} examples each "
-                             f"({world} process(es) x --batch-size {saved['batch_size']} x --grad-accum "
-                             f"{saved['grad_accum']}), this run's would take {cfg.batch_size * cfg.grad_accum * run.world}")
+        before, now = saved["batch_size"] * saved["grad_accum"] * world, cfg.batch_size * cfg.grad_accum * run.world
+        if before != now:
+            raise ValueError(f"its steps took {before} examples each ({world} process(es) x --batch-size "
+                             f"{saved['batch_size']} x --grad-accum {saved['grad_accum']}), this run's would take {now}")
         check_base(model, meta["base_fingerprint"], str(path), meta["config"]["model"], cfg.force)
         named = dict(model.named_parameters())
         adapters = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
@@ -235,10 +235,10 @@ def optimizer_states(tensors: dict, world: int, run: Run, opt) -> dict:
     blocks, which no longer fall where they did: 8-bit states resume within their quantization error)."""
     parts = [{} for _ in range(world if run.cfg.fsdp and world > 1 else 1)]
     for k, v in tensors.items():
-        r, key = (int(k[4:k.index(".")]), k[k.index(".") + 1:]) if len(parts) > 1 and k.startswith("rank") else (0, k)
+        owner, _, key = k.partition(".") if len(parts) > 1 and k.startswith("rank") else ("rank0", "", k)
         if key.startswith("optimizer."):
             _, i, name = key.split(".", 2)
-            parts[r].setdefault(int(i), {})[name] = v
+            parts[int(owner[len("rank"):])].setdefault(int(i), {})[name] = v
     if len(parts) == 1 and not (run.cfg.fsdp and run.world > 1):
         return parts[0]   # one saved copy of whole states, for every rank (one process, or data-parallel)
     if len(parts) == run.world:

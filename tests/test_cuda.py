@@ -3,10 +3,6 @@ and NF4 bases) against transformers (+ bitsandbytes), AdamW8bit against bitsandb
 against compiled, and --fsdp on nccl against one process. Skipped without CUDA; `bash bench/gpu.sh` runs them
 (with the other tests that have "cuda" in their names)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +11,6 @@ from conftest import make_hf_checkpoint
 from test_train import _adapter, _cfg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-ROOT = Path(__file__).resolve().parent.parent
 CUDA = "cuda"
 
 
@@ -132,16 +127,14 @@ def test_cuda_fsdp_on_nccl_equals_one_process(tiny_run, tmp_path, qlora, offload
     """torchrun --fsdp on the GPUs at hand (nccl; every GPU up to 2), with checkpointing, with and without
     --fsdp-cpu-offload: the losses and adapter of one process without --fsdp on one GPU, same global batch.
     With torch 2.11 (whose FSDP2 refuses integer parameters) the NF4 codes are sharded as bf16 pairs of bytes."""
-    from test_fsdp import assert_same_adapter, cli_args
+    from test_fsdp import assert_same_adapter, cli_args, torchrun
     world = min(2, torch.cuda.device_count())
     flags = dict(qlora=qlora, grad_checkpoint=True)
     one = train_on(tiny_run, tmp_path, "one", batch_size=4, max_steps=3, device=CUDA, **flags)
     args = cli_args(tiny_run, tmp_path / "fsdp", 4 // world, 3, **{k: v for k, v in flags.items() if v},
                     **(dict(fsdp_cpu_offload=True) if offload else {}))
     args[args.index("--device") + 1] = CUDA
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-           str(29650 + offload + 2 * qlora), str(ROOT / "train.py"), *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = torchrun(world, 29650 + offload + 2 * qlora, args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     s = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     print(f"world {world}, qlora {qlora}, offload {offload}: peak per GPU {s['peak_mem_per_rank']}, base held "

@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def torchrun(world, port, args, extra=()):
+def torchrun(world, port, args, extra=(), env=ENV):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port),
            *extra, str(ROOT / "train.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
 def cli_args(tiny_run, out, batch, steps, **flags):
@@ -270,10 +270,8 @@ def test_fsdp_with_the_codes_as_bf16_equals_one_process(tiny_run, tmp_path):
     the same losses and adapter as one process."""
     one = train(_cfg(tiny_run, tmp_path, out=str(tmp_path / "one"), batch_size=6, max_steps=3, qlora=True,
                      grad_checkpoint=True))
-    env = dict(ENV, PURE_QLORA_FSDP_CODES_AS_FLOAT="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", "29590",
-           str(ROOT / "train.py"), *map(str, cli_args(tiny_run, tmp_path / "fsdp", 2, 3, qlora=True, grad_checkpoint=True))]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    r = torchrun(3, 29590, cli_args(tiny_run, tmp_path / "fsdp", 2, 3, qlora=True, grad_checkpoint=True),
+                 env=dict(ENV, PURE_QLORA_FSDP_CODES_AS_FLOAT="1"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     s = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert s["losses"] == pytest.approx(one["losses"], rel=1e-5)
