@@ -166,8 +166,7 @@ class KVCache:
 
     def __init__(self, n_layers: int, capacity: int = 256):
         self.k, self.v, self.n = [None] * n_layers, [None] * n_layers, [0] * n_layers
-        self.capacity = capacity
-        self.pad, self.mask = 0, None   # generate_batch: left padding (B, 1), keys each row sees (B, 1, 1, capacity)
+        self.capacity, self.pad, self.mask = capacity, 0, None   # generate_batch: left padding (B, 1), keys seen (B, 1, 1, T)
 
     def update(self, i, k, v):
         n, t = self.n[i], k.shape[2]
@@ -231,10 +230,12 @@ def segment_attention(q, k, v, spans: torch.Tensor, gqa: bool):
     rows = spans.tolist()
     starts, ends = [s for _, s, _ in rows], [e for _, _, e in rows]
     if q.shape[0] == 1 and rows and starts == [0] + ends[:-1] and ends[-1] == q.shape[2]:
-        # Segments tiling one row (CPU micro-batches): split + cat, whose backward makes no zero row per segment
-        n = [e - s for s, e in zip(starts, ends)]
+        # Segments tiling one row (CPU micro-batches): split + cat, whose backward makes no zero row per segment;
+        # in fp32 (torch's bf16 CPU flash backward is slower and keeps ~8 MB of kernels per new length, for good)
+        n, dt = [e - s for s, e in zip(starts, ends)], q.dtype
+        q, k, v = (q, k, v) if q.is_cuda else (q.float(), k.float(), v.float())
         return torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=gqa)
-                          for a, b, c in zip(q.split(n, 2), k.split(n, 2), v.split(n, 2))], 2)
+                          for a, b, c in zip(q.split(n, 2), k.split(n, 2), v.split(n, 2))], 2).to(dt)
     y = q.new_zeros(q.shape)
     for b, s, e in rows:
         y[b:b + 1, :, s:e] = F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
@@ -335,8 +336,7 @@ class Llama(nn.Module):
 
         segment_ids (B, T): 0 = padding, 1, 2, ... = examples packed in one row. A token attends
         only to earlier tokens of its own segment and its position restarts at 0 in each segment,
-        so one mechanism covers left/right padding and packing. None = one causal sequence.
-        """
+        so one mechanism covers left/right padding and packing. None = one causal sequence."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         spans, positions, longest = None, None, T + len(cache or ())

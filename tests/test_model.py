@@ -465,6 +465,27 @@ def test_segments_tiling_one_row_attend_each_on_its_own():
             torch.testing.assert_close(t.grad[:, :, s:e], g.grad, atol=1e-6, rtol=0)
 
 
+def test_bf16_segments_on_a_cpu_attend_in_fp32():
+    """bf16 segments tiling a CPU row: output and gradients are fp32 attention's on the same inputs,
+    rounded once to bf16 (torch's bf16 CPU flash backward keeps kernels built for each new segment length
+    for good; test_train checks what a run's memory does)."""
+    import model
+    torch.manual_seed(0)
+    q = torch.randn(1, 6, 13, 8).bfloat16().requires_grad_()
+    k, v = (torch.randn(1, 3, 13, 8).bfloat16().requires_grad_() for _ in range(2))
+    w = torch.linspace(-1, 1, 13 * 8).view(13, 8).bfloat16()
+    y = model.segment_attention(q, k, v, torch.tensor([[0, 0, 5], [0, 5, 13]]), True)
+    (y * w).sum().backward()
+    assert y.dtype == torch.bfloat16
+    for s, e in ((0, 5), (5, 13)):
+        a, b, c = (t.detach()[:, :, s:e].float().requires_grad_() for t in (q, k, v))
+        alone = torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True)
+        (alone * w[s:e].float()).sum().backward()
+        assert torch.equal(y[:, :, s:e], alone.bfloat16())
+        for t, g in ((q, a), (k, b), (v, c)):
+            assert torch.equal(t.grad[:, :, s:e], g.grad.bfloat16())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_varlen_segment_attention_on_cuda(monkeypatch):
     """torch's own flash varlen kernel (bf16) against the per-segment SDPA loop, forward and backward."""
