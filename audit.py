@@ -96,15 +96,17 @@ def nf4_bytes(n: int, block=64) -> int:
 
 
 def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8, b: int = 2,
-                                packed: bool = False, dora: bool = False) -> int:
+                                packed: bool = False, dora: bool = False, fp32_attention: bool = False) -> int:
     """Bytes that autograd keeps per token in one block until backward, as model.py and lora.py save
-    them (b = bytes per value of the compute dtype). tests/test_audit.py checks this against the
+    them (b = bytes per value of the compute dtype; fp32_attention: attention runs in fp32 whatever b is,
+    as it does on a CPU row its examples tile). tests/test_audit.py checks this against the
     tensors autograd really saves, in fp32 and bf16, with and without dropout, over 16-bit and NF4 bases."""
     shapes = linear_shapes(a)
     t = [n for n in shapes if n in targets]
     q, kv, inter = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.intermediate_size
     norms = 2 * (a.dim * b + 4)                 # each RMSNorm keeps its input and 1/rms (fp32)
-    attn = (2 * q + 2 * kv) * b + a.n_heads * 4  # q, k, v after RoPE, the attention output, its fp32 log-sum-exp
+    ab = 4 if fp32_attention else b
+    attn = (2 * q + 2 * kv) * ab + a.n_heads * 4  # q, k, v after RoPE, the attention output, its fp32 log-sum-exp
     mlp = 2 * inter * b                          # gate and up (SwiGLU recomputes the rest)
     # An adapter keeps its input (a frozen linear alone keeps nothing): the norm outputs feeding
     # q/k/v and gate/up, and down_proj's. o_proj's input is the attention output itself (a view),
@@ -114,14 +116,15 @@ def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8
     inputs += q * ("o_proj" in t and packed) + inter * ("down_proj" in t)
     lora = len(t) * rank * b                     # each adapter's (tokens, r) product (its dropout mask is redrawn)
     if dora:   # the output, for the magnitude's gradient, where the next op does not keep it already (v, gate, up)
-        lora += sum(shapes[n][1] for n in t if n not in ("v_proj", "gate_proj", "up_proj")) * b
+        kept = ("gate_proj", "up_proj") + (("v_proj",) if ab == b else ())   # attention keeps an fp32 copy of v
+        lora += sum(shapes[n][1] for n in t if n not in kept) * b
     return norms + attn + mlp + inputs * b + lora
 
 
 def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8, targets=ALL_TARGETS,
                     grad_checkpoint: bool = False, dtype_bytes: int = 2, paged_device: bool = False,
                     tokens: int | None = None, packed: bool = False, dora: bool = False, fsdp: int = 1,
-                    cpu_offload: bool = False) -> dict:
+                    cpu_offload: bool = False, fp32_attention: bool = False) -> dict:
     """Predicted peak bytes by kind for LoRA ('lora') or QLoRA ('qlora') training (DoRA: dora=True;
     LoftQ trains exactly as QLoRA does).
 
@@ -131,7 +134,7 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
     the lm_head loss chunk's fp32 logits, or a dequantized NF4 weight with a block's backward
     temporaries.
     tokens = real tokens in a micro-batch (default batch * seq); packed = rows hold several examples
-    (train.py on CPU, or --pack). paged_device: QLoRA's paged
+    (train.py on CPU, or --pack); fp32_attention: attention in fp32 (train.py's CPU rows). paged_device: QLoRA's paged
     optimizer states live in host memory, not on the GPU. fsdp = N: per rank under --fsdp with N ranks
     (each holds 1/N of the blocks' weights, adapters, gradients and states, the embeddings, final norm and
     lm_head whole, and two blocks gathered whole: the one computing and the next, which FSDP2 prefetches);
@@ -160,7 +163,7 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
     else:
         opt = 8 * lora_params + 4 * len(tensors) * a.n_layers   # AdamW: exp_avg, exp_avg_sq and a step tensor
     tokens = tokens or batch * seq
-    layer = saved_bytes_per_token_layer(a, targets, rank, b, packed, dora)
+    layer = saved_bytes_per_token_layer(a, targets, rank, b, packed, dora, fp32_attention)
     # DoRA also keeps, per adapted layer and whatever the tokens, its row norm (fp32)
     fixed = sum(o for n, (i, o) in shapes.items() if n in targets) * 4 if dora else 0
     act = tokens * a.n_layers * (a.dim * b if grad_checkpoint else layer) + (0 if grad_checkpoint else a.n_layers * fixed)
@@ -220,7 +223,7 @@ def estimate_for_run(args: ModelArgs, cfg, mode: str, r: dict, dora: bool = Fals
     on_gpu = r["device"].startswith("cuda")
     e = estimate_memory(args, mode, cfg.batch_size, cfg.seq_len, cfg.rank, cfg.targets.split(","), cfg.grad_checkpoint,
                         4 if r["dtype"] == "float32" else 2, tokens=r["max_padded_tokens_per_micro_batch"],
-                        packed=cfg.pack or (not on_gpu and cfg.batch_size > 1),
+                        packed=cfg.pack or (not on_gpu and cfg.batch_size > 1), fp32_attention=not on_gpu and not cfg.pack,
                         paged_device=on_gpu and (cfg.optim or "paged").startswith("paged") and mode == "qlora", dora=dora)
     runtime = 0 if on_gpu else (r["runtime_rss"] or 0)   # CUDA's max_memory_allocated counts tensors only
     return dict(e, runtime=runtime, predicted_peak=e["total"] + runtime, measured_peak=r["peak_mem"],

@@ -505,10 +505,10 @@ class LMHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets):
         n = h.shape[0]
+        grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         if h.dtype != torch.float32 and not h.is_cuda:   # whole multiples of 32 rows, as bucket_length says why
             h, targets = torch.nn.functional.pad(h, (0, 0, 0, -n % 32)), torch.nn.functional.pad(targets, (0, -n % 32))
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         for i in range(0, h.shape[0], LMHeadLoss.CHUNK):
             t = targets[i:i + LMHeadLoss.CHUNK]
             logits = (h[i:i + LMHeadLoss.CHUNK] @ weight.T).float()
@@ -521,8 +521,8 @@ class LMHeadLoss(torch.autograd.Function):
             if grad is not None:
                 p.div_(total)                                         # softmax
                 p[torch.arange(len(t), device=t.device), t] -= 1      # d CE / d logits = softmax - onehot
-                grad[i:i + LMHeadLoss.CHUNK] = p.to(h.dtype) @ weight
-        ctx.save_for_backward(grad[:n] if grad is not None else h.new_empty(0))
+                grad[i:i + LMHeadLoss.CHUNK] = (p.to(h.dtype) @ weight)[:n - i]
+        ctx.save_for_backward(grad if grad is not None else h.new_empty(0))
         return loss
 
     @staticmethod

@@ -94,13 +94,14 @@ def test_estimator_activations_are_what_autograd_saves(dtype, targets, dropout, 
     fewer = ModelArgs(**{**vars(a), "n_layers": 2})
     per_layer = got - _saved_activation_bytes(fewer, dtype, targets, dropout, nf4, packed, dora=dora)
     outs = sum(o for n, (i, o) in linear_shapes(a).items() if n in targets)
-    assert per_layer == 40 * saved_bytes_per_token_layer(a, targets, 4, b, packed, dora) + dora * outs * 4
+    # two examples tiling a CPU row: attention runs in fp32 (model.segment_attention); one sequence: in dtype
+    assert per_layer == 40 * saved_bytes_per_token_layer(a, targets, 4, b, packed, dora, packed) + dora * outs * 4
     if dora:   # the extra over plain LoRA, per layer and token: the outputs no other op keeps
         own = sum(o for n, (i, o) in linear_shapes(a).items() if n in targets and n not in ("v_proj", "gate_proj", "up_proj"))
         assert (saved_bytes_per_token_layer(a, targets, 4, b, packed, True)
                 - saved_bytes_per_token_layer(a, targets, 4, b, packed)) == own * b
     est = estimate_memory(a, "qlora" if nf4 else "lora", 1, 40, rank=4, targets=targets, dtype_bytes=b, packed=packed,
-                          dora=dora)
+                          dora=dora, fp32_attention=packed)
     if any(t in targets for t in ("q_proj", "k_proj", "v_proj")):
         assert est["activations"] == got
     else:   # the first block keeps no attention tensors then (no gradient reaches them); counted anyway
