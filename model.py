@@ -166,7 +166,8 @@ class KVCache:
 
     def __init__(self, n_layers: int, capacity: int = 256):
         self.k, self.v, self.n = [None] * n_layers, [None] * n_layers, [0] * n_layers
-        self.capacity, self.pad, self.mask = capacity, 0, None   # generate_batch: left padding (B, 1), keys seen (B, 1, 1, T)
+        self.capacity = capacity
+        self.pad, self.mask = 0, None   # generate_batch: left padding (B, 1), keys each row sees (B, 1, 1, capacity)
 
     def update(self, i, k, v):
         n, t = self.n[i], k.shape[2]
@@ -311,8 +312,7 @@ class Layers(nn.Module):
 class Llama(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.args = args
-        self.model = Layers(args)
+        self.args, self.model = args, Layers(args)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

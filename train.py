@@ -188,11 +188,11 @@ def pick_device_dtype(cfg):
     pairs = {dt: (torch.randn(512, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt))
              for dt in (torch.bfloat16, torch.float32)}
     best = dict.fromkeys(pairs, float("inf"))
-    for round in range(11):
+    for i in range(11):
         for dt, (a, b) in pairs.items():
             t = time.perf_counter()
             a @ b
-            if round:   # the first round warms up (oneDNN builds its bf16 kernel on the first call)
+            if i:   # the first round warms up (oneDNN builds its bf16 kernel on the first call)
                 best[dt] = min(best[dt], time.perf_counter() - t)
     return device, torch.bfloat16 if best[torch.bfloat16] < 0.8 * best[torch.float32] else torch.float32
 
@@ -481,7 +481,7 @@ def bucket_length(n: int) -> int:
     """n rounded up to a multiple of 64 (from 2048 tokens on, of a 16th of the power of two below n). oneDNN, which
     runs bf16 matmuls on CPUs, builds kernels for every new number of rows and keeps them (~16 MB for each
     new micro-batch length of the default model, never freed): a bf16 run that met a new length every step
-    grew by 30 MB a step (the default run peaked at 1.78 GB; with buckets 1.43 GB, the same losses, no slower)."""
+    grew by that much a step (the default run peaked at 1.78 GB; with buckets 1.43 GB, the same losses, no slower)."""
     step = 1 << max(6, n.bit_length() - 5)
     return -(-n // step) * step
 
