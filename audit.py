@@ -99,7 +99,7 @@ def saved_bytes_per_token_layer(a: ModelArgs, targets=ALL_TARGETS, rank: int = 8
                                 packed: bool = False, dora: bool = False, fp32_attention: bool = False) -> int:
     """Bytes that autograd keeps per token in one block until backward, as model.py and lora.py save
     them (b = bytes per value of the compute dtype; fp32_attention: attention runs in fp32 whatever b is,
-    as it does on a CPU row its examples tile). tests/test_audit.py checks this against the
+    as it does over segments on CPUs). tests/test_audit.py checks this against the
     tensors autograd really saves, in fp32 and bf16, with and without dropout, over 16-bit and NF4 bases."""
     shapes = linear_shapes(a)
     t = [n for n in shapes if n in targets]
@@ -134,7 +134,7 @@ def estimate_memory(a: ModelArgs, mode: str, batch: int, seq: int, rank: int = 8
     the lm_head loss chunk's fp32 logits, or a dequantized NF4 weight with a block's backward
     temporaries.
     tokens = real tokens in a micro-batch (default batch * seq); packed = rows hold several examples
-    (train.py on CPU, or --pack); fp32_attention: attention in fp32 (train.py's CPU rows). paged_device: QLoRA's paged
+    (train.py on CPU, or --pack); fp32_attention: attention in fp32 (train.py on CPU). paged_device: QLoRA's paged
     optimizer states live in host memory, not on the GPU. fsdp = N: per rank under --fsdp with N ranks
     (each holds 1/N of the blocks' weights, adapters, gradients and states, the embeddings, final norm and
     lm_head whole, and two blocks gathered whole: the one computing and the next, which FSDP2 prefetches);
@@ -223,7 +223,7 @@ def estimate_for_run(args: ModelArgs, cfg, mode: str, r: dict, dora: bool = Fals
     on_gpu = r["device"].startswith("cuda")
     e = estimate_memory(args, mode, cfg.batch_size, cfg.seq_len, cfg.rank, cfg.targets.split(","), cfg.grad_checkpoint,
                         4 if r["dtype"] == "float32" else 2, tokens=r["max_padded_tokens_per_micro_batch"],
-                        packed=cfg.pack or (not on_gpu and cfg.batch_size > 1), fp32_attention=not on_gpu and not cfg.pack,
+                        packed=cfg.pack or (not on_gpu and cfg.batch_size > 1), fp32_attention=not on_gpu,
                         paged_device=on_gpu and (cfg.optim or "paged").startswith("paged") and mode == "qlora", dora=dora)
     runtime = 0 if on_gpu else (r["runtime_rss"] or 0)   # CUDA's max_memory_allocated counts tensors only
     return dict(e, runtime=runtime, predicted_peak=e["total"] + runtime, measured_peak=r["peak_mem"],

@@ -228,20 +228,20 @@ def segment_attention(q, k, v, spans: torch.Tensor, gqa: bool):
         flat = lambda t: t.transpose(1, 2).reshape(B * T, t.shape[1], D).index_select(0, index)
         y = varlen_attn(flat(q), flat(k), flat(v), cu, cu, T, T, window_size=(-1, 0), enable_gqa=gqa)
         return q.new_zeros(B * T, H, D).index_copy(0, index, y).view(B, T, H, D).transpose(1, 2)
-    rows = spans.tolist()
+    rows, dt = spans.tolist(), q.dtype
     starts, ends = [s for _, s, _ in rows], [e for _, _, e in rows]
+    # fp32 on CPUs: torch's bf16 CPU flash backward is slower, and keeps ~8 MB of kernels per new length for good
+    q, k, v = (q, k, v) if q.is_cuda else (q.float(), k.float(), v.float())
     if q.shape[0] == 1 and rows and starts == [0] + ends[:-1] and ends[-1] == q.shape[2]:
-        # Segments tiling one row (CPU micro-batches): split + cat, whose backward makes no zero row per segment;
-        # in fp32 (torch's bf16 CPU flash backward is slower and keeps ~8 MB of kernels per new length, for good)
-        n, dt = [e - s for s, e in zip(starts, ends)], q.dtype
-        q, k, v = (q, k, v) if q.is_cuda else (q.float(), k.float(), v.float())
+        # Segments tiling one row (CPU micro-batches): split + cat, whose backward makes no zero row per segment
+        n = [e - s for s, e in zip(starts, ends)]
         return torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=gqa)
                           for a, b, c in zip(q.split(n, 2), k.split(n, 2), v.split(n, 2))], 2).to(dt)
     y = q.new_zeros(q.shape)
     for b, s, e in rows:
         y[b:b + 1, :, s:e] = F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
                                                             v[b:b + 1, :, s:e], is_causal=True, enable_gqa=gqa)
-    return y
+    return y.to(dt)
 
 
 try:   # flash attention over packed sequences where torch has it; 2.10's (no causal windows, no GQA) is left out

@@ -465,25 +465,26 @@ def test_segments_tiling_one_row_attend_each_on_its_own():
             torch.testing.assert_close(t.grad[:, :, s:e], g.grad, atol=1e-6, rtol=0)
 
 
-def test_bf16_segments_on_a_cpu_attend_in_fp32():
-    """bf16 segments tiling a CPU row: output and gradients are fp32 attention's on the same inputs,
-    rounded once to bf16 (torch's bf16 CPU flash backward keeps kernels built for each new segment length
-    for good; test_train checks what a run's memory does)."""
+@pytest.mark.parametrize("spans", [[[0, 0, 5], [0, 5, 13]], [[0, 0, 5], [1, 2, 13]]], ids=["tiling", "padded rows"])
+def test_bf16_segments_on_a_cpu_attend_in_fp32(spans):
+    """bf16 segments on a CPU (tiling a row, or in rows with padding): output and gradients are fp32
+    attention's on the same inputs, rounded once to bf16 (torch's bf16 CPU flash backward keeps kernels
+    built for each new segment length for good; test_train checks what a run's memory does)."""
     import model
     torch.manual_seed(0)
-    q = torch.randn(1, 6, 13, 8).bfloat16().requires_grad_()
-    k, v = (torch.randn(1, 3, 13, 8).bfloat16().requires_grad_() for _ in range(2))
+    q = torch.randn(len(spans), 6, 13, 8).bfloat16().requires_grad_()
+    k, v = (torch.randn(len(spans), 3, 13, 8).bfloat16().requires_grad_() for _ in range(2))
     w = torch.linspace(-1, 1, 13 * 8).view(13, 8).bfloat16()
-    y = model.segment_attention(q, k, v, torch.tensor([[0, 0, 5], [0, 5, 13]]), True)
+    y = model.segment_attention(q, k, v, torch.tensor(spans), True)
     (y * w).sum().backward()
     assert y.dtype == torch.bfloat16
-    for s, e in ((0, 5), (5, 13)):
-        a, b, c = (t.detach()[:, :, s:e].float().requires_grad_() for t in (q, k, v))
+    for row, s, e in spans:
+        a, b, c = (t.detach()[row:row + 1, :, s:e].float().requires_grad_() for t in (q, k, v))
         alone = torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True)
         (alone * w[s:e].float()).sum().backward()
-        assert torch.equal(y[:, :, s:e], alone.bfloat16())
+        assert torch.equal(y[row:row + 1, :, s:e], alone.bfloat16())
         for t, g in ((q, a), (k, b), (v, c)):
-            assert torch.equal(t.grad[:, :, s:e], g.grad.bfloat16())
+            assert torch.equal(t.grad[row:row + 1, :, s:e], g.grad.bfloat16())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
