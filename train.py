@@ -481,7 +481,7 @@ def bucket_length(n: int) -> int:
     """n rounded up to a multiple of 64 (from 2048 tokens on, of a 16th of the power of two below n). oneDNN, which
     runs bf16 matmuls on CPUs, builds kernels for every new number of rows and keeps them (~16 MB for each
     new micro-batch length of the default model, never freed): a bf16 run that met a new length every step
-    grew by that much a step (the default run peaked at 1.78 GB; with buckets 1.43 GB, the same losses, no slower)."""
+    grew by that much a step (`python bench/revs.py` measures the default run against a commit before)."""
     step = 1 << max(6, n.bit_length() - 5)
     return -(-n // step) * step
 
@@ -506,7 +506,7 @@ class LMHeadLoss(torch.autograd.Function):
     def forward(ctx, h, weight, targets):
         n = h.shape[0]
         grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        if h.dtype != torch.float32 and not h.is_cuda:   # whole multiples of 32 rows, as bucket_length says why
+        if h.dtype != torch.float32 and not h.is_cuda and n % 32:   # whole multiples of 32 rows: bucket_length says why
             h, targets = torch.nn.functional.pad(h, (0, 0, 0, -n % 32)), torch.nn.functional.pad(targets, (0, -n % 32))
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, h.shape[0], LMHeadLoss.CHUNK):
