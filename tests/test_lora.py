@@ -171,7 +171,7 @@ def test_lora_path_gradients_match_autograd(p, device):
     g = torch.randn_like(y)
     y.backward(g)
     torch.manual_seed(1)
-    mask = _dropout_mask(x, p, int(torch.randint(0, 2**62, (1,)))) if p > 0 else torch.ones_like(x, dtype=torch.bool)
+    mask = _dropout_mask(x, p, int(torch.randint(0, 2**62, (1,)))) != 0 if p > 0 else torch.ones_like(x, dtype=torch.bool)
     A, B = layer.lora_A.weight.detach().requires_grad_(), layer.lora_B.weight.detach().requires_grad_()
     x2 = x.detach().requires_grad_()
     ref = layer.base(x2) + (x2 * mask / (1 - p)) @ A.T @ B.T * layer.scaling
@@ -187,9 +187,29 @@ def test_dropout_mask_rate_and_redraw(device):
     same seed redraws the same mask, which is what lets backward skip storing it."""
     x = torch.empty(2000, 1000, device=device)
     for p in (0.05, 0.3):
-        m = _dropout_mask(x, p, 123)
+        m = _dropout_mask(x, p, 123) != 0
         assert abs((1 - m.float().mean().item()) - p) < 6 * (p * (1 - p) / m.numel()) ** 0.5
-        assert torch.equal(m, _dropout_mask(x, p, 123)) and not torch.equal(m, _dropout_mask(x, p, 124))
+        assert torch.equal(m, _dropout_mask(x, p, 123) != 0) and not torch.equal(m, _dropout_mask(x, p, 124) != 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_mask_is_the_comparison_and_drop_the_product(device):
+    """The mask is all-ones words exactly where the generator's 16-bit draw r >= round(65536 p) - 32768 (the
+    comparison, done in integers), zero elsewhere; _drop gives the product with that comparison (a dropped
+    negative value is +0, not -0: the same sums) in every float dtype, and for a tensor wider than the mask (fp32 gradients under a bf16 input's mask)."""
+    from lora import _drop
+    x = torch.randn(37, 53, device=device)
+    for p in (0.05, 0.5, 1e-7):
+        g = torch.Generator(device).manual_seed(7)
+        r = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=g)
+        want = r.view(torch.int16)[:x.numel()].view(x.shape) >= max(round(p * 65536) - 32768, -32767)
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            m = _dropout_mask(x.to(dt), p, 7)
+            assert m.element_size() == x.to(dt).element_size() and set(m.unique().tolist()) <= {0, -1}
+            assert torch.equal(m == -1, want)
+            assert torch.equal(_drop(x.to(dt), m), x.to(dt) * want)
+            assert torch.equal(_drop(x, m), x * want)   # a 16-bit mask on fp32 values
+    assert (want == 0).sum() <= 2   # p below 1/65536 drops at the rate 1/65536
 
 
 def test_base_fingerprint_names_the_weights_not_the_dtype(tiny_ckpt, tmp_path):
