@@ -79,7 +79,7 @@ def step_flops(a, steps: int) -> list:
 def ours(mode, a, out, compile=False):
     cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(out), "--overwrite", "--max-steps", str(a.steps),
            "--model", a.model, "--seq-len", str(a.seq_len), "--batch-size", "4", "--rank", "8", "--alpha", "16",
-           "--targets", TARGETS, "--dropout", "0", "--eval-examples", "0", "--log-every", "1000"]
+           "--targets", TARGETS, "--dropout", str(a.dropout), "--eval-examples", "0", "--log-every", "1000"]
     cmd += ["--qlora"] if mode == "qlora" else []
     cmd += ["--device", a.device] if a.device else []
     cmd += ["--dtype", a.dtype] if a.dtype else []
@@ -126,7 +126,7 @@ if mode == "qlora":
     kw["quantization_config"] = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=kw["dtype"])
 m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, device_map=device, **kw)
-m = peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=cfg["targets"].split(","), task_type="CAUSAL_LM", use_dora=cfg["dora"]))
+m = peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=cfg["dropout"], target_modules=cfg["targets"].split(","), task_type="CAUSAL_LM", use_dora=cfg["dora"]))
 params = [p for p in m.parameters() if p.requires_grad]
 if device == "cuda": torch.cuda.reset_peak_memory_stats()   # like train.py: the training peak, not the loading one
 if cfg["compile"]:   # regionally, as ours: each decoder layer
@@ -157,7 +157,7 @@ def peer(mode, a, dtype, compile=False):
     from formats import default_model_dir
     model_dir = str(default_model_dir()) if a.model == "default" else a.model
     cfg = dict(root=str(ROOT), mode=mode, model=model_dir, steps=a.steps, seq_len=a.seq_len,
-               device=a.device or "cpu", targets=TARGETS, dtype=dtype, compile=compile, dora=a.dora)
+               device=a.device or "cpu", targets=TARGETS, dtype=dtype, compile=compile, dora=a.dora, dropout=a.dropout)
     r = subprocess.run([sys.executable, "-c", PEER, json.dumps(cfg)], capture_output=True, text=True)
     if r.returncode:
         print(r.stderr[-2000:])
@@ -173,6 +173,7 @@ def main():
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="", help="float32 | bfloat16 (default: train.py's choice); the peers run in "
                    "the dtype ours ran in")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on every run (train.py's default is 0.05)")
     p.add_argument("--peers", action="store_true", help="also run transformers+peft(+bitsandbytes) on the same batches")
     p.add_argument("--compile", action="store_true", help="also run ours with --compile (and the peers with their decoder "
                    "layers compiled, with --peers): compile time and steady-state speed against eager")
