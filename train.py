@@ -407,6 +407,9 @@ def build_model(run: Run):
     if cfg.compile:
         place_tables(run.device)
         model.compile_blocks()
+        if cfg.dropout > 0:   # its mask comes from a generator of its own, which torch.compile cannot trace
+            run.log(f"--compile with --dropout {cfg.dropout}: each LoRA add runs eagerly (graph breaks), which took the "
+                    "gain away on a CPU (README); --dropout 0 compiles the whole block")
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optim == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
