@@ -208,7 +208,7 @@ def _dropout_mask(x, p: float, seed: int):
 
     A value is kept where r >= t. The mask is a word per element of x's size, all ones where kept and zero
     where dropped, and _drop applies it as a bitwise AND of the bits: on CPUs a comparison's bool result, and
-    multiplying by it, go through torch's slow element-by-element cast (7x the AND's time, measured), so the
+    multiplying by it, go through torch's slow element-by-element cast (several times the AND's time), so the
     comparison is integer arithmetic too: clamp(r, t - 1, t) - t is -1 where dropped and 0 where kept."""
     g = torch.Generator(x.device).manual_seed(seed)
     words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None, generator=g)
