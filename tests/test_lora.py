@@ -196,7 +196,8 @@ def test_dropout_mask_rate_and_redraw(device):
 def test_dropout_mask_is_the_comparison_and_drop_the_product(device):
     """The mask is all-ones words exactly where the generator's 16-bit draw r >= round(65536 p) - 32768 (the
     comparison, done in integers), zero elsewhere; _drop gives the product with that comparison (a dropped
-    negative value is +0, not -0: the same sums) in every float dtype, and for a tensor wider than the mask (fp32 gradients under a bf16 input's mask)."""
+    negative value is +0, not -0: the same sums) in every float dtype, and for a tensor wider than the mask
+    (fp32 values under a bf16 input's mask)."""
     from lora import _drop
     x = torch.randn(37, 53, device=device)
     for p in (0.05, 0.5, 1e-7):
