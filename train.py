@@ -480,6 +480,13 @@ def make_batch(examples, cfg, device, flat: bool, bucket: bool = False) -> Batch
     return to_batch(ids, tgt, seg, device)
 
 
+def batch_layout(run: Run) -> tuple[bool, bool]:
+    """make_batch's (flat, bucket) for this run: one row of segments on CPUs, padded to bucket_length there in
+    16 bits (fp32 matmuls keep nothing per shape: no padding needed)."""
+    flat = run.device.type == "cpu"
+    return flat, flat and run.dtype != torch.float32
+
+
 def bucket_length(n: int) -> int:
     """n rounded up to a multiple of 64 (from 2048 tokens on, of a 16th of the power of two below n). oneDNN, which
     runs bf16 matmuls on CPUs, builds kernels for every new number of rows and keeps them (~16 MB for each
@@ -626,8 +633,7 @@ def train(cfg: TrainConfig) -> dict:
     step = resume(run, model, opt) if cfg.resume else 0
     per_step = cfg.batch_size * cfg.grad_accum * run.world
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(train_ex) / per_step))
-    flat = run.device.type == "cpu"
-    bucket = flat and run.dtype != torch.float32   # fp32 matmuls keep nothing per shape: no padding needed
+    flat, bucket = batch_layout(run)
     eb = cfg.batch_size
     starts = list(range(0, len(eval_ex), eb))
     eval_batches = [make_batch(eval_ex[i:i + eb], cfg, run.device, flat, bucket) for i in starts[run.rank::run.world]]

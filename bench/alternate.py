@@ -33,15 +33,13 @@ def main():
     import torch
     from data import load_tokenizer
     from lora import lora_layers
-    from train import TrainConfig, build_model, loss_sum, make_batch, prepare_data, start
+    from train import TrainConfig, batch_layout, build_model, loss_sum, make_batch, prepare_data, start
     dropout = a.dropout if a.dropout is not None else (0.05 if a.vs == "dropout" else 0.0)
     cfg = TrainConfig(qlora=a.qlora, out=tempfile.mkdtemp(), overwrite=True, eval_examples=0,
                       dtype=a.dtype, dropout=dropout, targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     run = start(cfg)
     ex, _ = prepare_data(cfg, load_tokenizer(cfg.model), log=lambda *x: None)
-    flat = run.device.type == "cpu"
-    batches = [make_batch(ex[i * 4:(i + 1) * 4], cfg, run.device, flat, flat and run.dtype != torch.float32)
-               for i in range(a.batches)]
+    batches = [make_batch(ex[i * 4:(i + 1) * 4], cfg, run.device, *batch_layout(run)) for i in range(a.batches)]
     names = ("eager", "compiled") if a.vs == "compile" else (f"dropout {dropout}", "dropout 0")
     sides = {}
     for name in names:   # each side its own model (compile) or the same one (dropout)
