@@ -619,6 +619,55 @@ def runtime_bytes(model, opt) -> int:
 # ----------------------------------------------------------------------------------------------
 # The loop
 
+class StepResult(NamedTuple):
+    loss: float        # the step's mean loss over its target tokens, all ranks
+    grad_norm: float   # before clipping
+    skipped: bool      # fp16 gradients overflowed: the update was not applied
+    stop_vote: bool    # some rank was asked to stop
+    tokens: int        # this rank's real tokens, padding not counted
+    max_micro: int     # the largest micro-batch with padding: what activations scale with
+
+
+def train_step(run: Run, model, params, opt, micro: list[list], step: int, lr: float, stop: bool = False) -> StepResult:
+    """One optimizer step over this rank's micro-batches: forward and backward of each, the gradients summed
+    across ranks, clipped, applied and zeroed. train() calls it, and so does bench/train.py's timed worker."""
+    cfg = run.cfg
+    flat, bucket = batch_layout(run)
+    # Normalize by the target tokens of the whole step on all ranks, so that the update is the
+    # mean over tokens, however the tokens fall into micro-batches and processes.
+    n_tok = float(sum(sum(t != IGNORE for t in ex[1]) for m in micro for ex in m))
+    if run.world > 1:
+        n_tok = run.sum(torch.tensor(n_tok, device=run.device))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss, tokens, max_micro = torch.zeros((), dtype=torch.float64, device=run.device), 0, 0
+    for m in micro:
+        batch = make_batch(m, cfg, run.device, flat, bucket)
+        micro_loss = loss_sum(model, batch) / n_tok
+        run.scaler.scale(micro_loss).backward()
+        loss += micro_loss.detach()
+        tokens += sum(len(ex[0]) for ex in m)
+        max_micro = max(max_micro, batch.ids.numel())
+    loss, stop_vote = sum_gradients(run, params, loss, stop)
+    run.scaler.unscale_(opt)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    loss, gnorm = loss.item(), full(gnorm).item()
+    skipped = run.scaler.is_enabled() and not math.isfinite(gnorm)   # fp16 overflow: a smaller scale next
+    if not math.isfinite(loss) or not (math.isfinite(gnorm) or skipped):
+        raise Diverged(f"step {step + 1}: the loss is {loss} and the gradient norm {gnorm}: training "
+                       f"diverged (learning rate {lr:.2e}{'' if cfg.grad_clip > 0 else ', no --grad-clip'}); "
+                       f"the step was not applied and nothing was saved. {last_good(run)}")
+    run.scaler.step(opt)   # opt.step(), unless fp16 gradients overflowed
+    if cfg.fsdp and cfg.dora:
+        for m in lora_layers(model).values():
+            m.forget_norm()   # the step changed A and B where DoRA's norm cache cannot see it
+    run.scaler.update()
+    opt.zero_grad(set_to_none=True)
+    if flat:
+        allocator.release_freed_memory()   # glibc: the step's small freed blocks, or they pile up
+    return StepResult(loss, gnorm, skipped, stop_vote, tokens, max_micro)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Setup (flags, data, model, optimizer, resume), then the loop: forward, backward, clip, step, log,
     eval, save; a requested stop ends it with a checkpoint at a step boundary."""
@@ -664,41 +713,11 @@ def train(cfg: TrainConfig) -> dict:
         t0, first, tokens, losses, max_micro, runtime_rss = time.time(), step, 0, [], 0, None
         stopped = None
         while step < total and not stopped:
-            micro = micro_batches(train_ex, step, run)
-            # Normalize by the target tokens of the whole step on all ranks, so that the update is the
-            # mean over tokens, however the tokens fall into micro-batches and processes.
-            n_tok = float(sum(sum(t != IGNORE for t in ex[1]) for m in micro for ex in m))
-            if run.world > 1:
-                n_tok = run.sum(torch.tensor(n_tok, device=run.device))
             lr = get_lr(step, cfg, total)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss = torch.zeros((), dtype=torch.float64, device=run.device)
-            for m in micro:
-                batch = make_batch(m, cfg, run.device, flat, bucket)
-                micro_loss = loss_sum(model, batch) / n_tok
-                run.scaler.scale(micro_loss).backward()
-                loss += micro_loss.detach()
-                tokens += sum(len(ex[0]) for ex in m)   # real tokens, padding not counted
-                max_micro = max(max_micro, batch.ids.numel())   # with padding: what activations scale with
-            loss, stop_vote = sum_gradients(run, params, loss, stop.requested is not None)
-            run.scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            loss, gnorm = loss.item(), full(gnorm).item()
-            skipped = run.scaler.is_enabled() and not math.isfinite(gnorm)   # fp16 overflow: a smaller scale next
-            if not math.isfinite(loss) or not (math.isfinite(gnorm) or skipped):
-                raise Diverged(f"step {step + 1}: the loss is {loss} and the gradient norm {gnorm}: training "
-                               f"diverged (learning rate {lr:.2e}{'' if cfg.grad_clip > 0 else ', no --grad-clip'}); "
-                               f"the step was not applied and nothing was saved. {last_good(run)}")
-            run.scaler.step(opt)   # opt.step(), unless fp16 gradients overflowed
-            if cfg.fsdp and cfg.dora:
-                for m in lora_layers(model).values():
-                    m.forget_norm()   # the step changed A and B where DoRA's norm cache cannot see it
-            run.scaler.update()
-            opt.zero_grad(set_to_none=True)
+            r = train_step(run, model, params, opt, micro_batches(train_ex, step, run), step, lr, stop.requested is not None)
+            loss, gnorm, skipped, stop_vote = r.loss, r.grad_norm, r.skipped, r.stop_vote
+            tokens, max_micro = tokens + r.tokens, max(max_micro, r.max_micro)
             step += 1
-            if flat:
-                allocator.release_freed_memory()   # glibc: the step's small freed blocks, or they pile up
             losses.append(loss)
             elapsed = time.time() - t0
             tok_s, peak = tokens * run.world / elapsed, peak_memory(run.device)
