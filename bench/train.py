@@ -5,7 +5,7 @@ own allocator), and the bench asks each for one step in turn, so that a burst of
 falls on all of them, not on whichever ran then. Ratios are medians of the per-step ratios.
 
     python bench/train.py                        # default model, r=8, alpha=16, 7 targets, seq <= 256, batch 4
-    python bench/train.py --steps 40 --peers     # also transformers+peft(+bitsandbytes): ~15 min more on 2 cores
+    python bench/train.py --steps 16 --peers     # also transformers+peft(+bitsandbytes): 3.3 min on 2 cores (bf16)
     python bench/train.py --compile              # also ours with --compile: compile time, then steady-state speed
     python bench/train.py --dora --peers         # DoRA and QDoRA instead, ours against peft's use_dora=True
     python bench/train.py --device cuda --model path/to/Llama-3.2-1B
@@ -14,8 +14,10 @@ Ours is train.train_step, the function train.py's loop calls, on a model train.p
 same flags. Prints real (non-padding) tokens/s, seconds/step and useful FLOP/s (medians over the steps after
 the first, the first two when compiled; the FLOP count is written out in useful_flops), the matmul peak at our
 shapes, each process's peak memory (CPU: peak RSS, loading included for all; CUDA: max allocated during
-training, loading excluded for all), and the first step's loss on each side (the same examples: they agree).
-All processes stay loaded until the end (~13 GB of RAM with --peers --compile on the default model).
+training, loading excluded for all), and the first step's loss on each side (the same examples: they agree
+to about 1%).
+All processes stay loaded until the end: with the default model ~10 GB of RAM with --peers, ~20 GB with
+--peers --compile (8 processes).
 """
 import argparse
 import json
