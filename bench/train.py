@@ -21,6 +21,7 @@ All processes stay loaded until the end: with the default model ~10 GB of RAM wi
 """
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -252,6 +253,8 @@ def main():
     p.add_argument("--dora", action="store_true", help="DoRA on every run (ours --dora, QDoRA with the NF4 base; the "
                    "peers with peft's use_dora=True); the FLOP count leaves out DoRA's row norms")
     a = p.parse_args()
+    # A timeout's SIGTERM (bench/gpu.sh) ends us through `finally`, which stops the workers with us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if a.steps < 3:
         p.error("--steps must be at least 3: the medians leave out the first step (the first two when compiled)")
     from formats import default_model_dir
