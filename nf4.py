@@ -27,6 +27,10 @@ NF4_PAIR_WORDS = NF4_PAIRS.contiguous().view(torch.int64).view(-1)
 # Weights per chunk when quantizing and dequantizing: the fp32 and index temporaries stay a few tens of
 # MB whatever the layer's size (a 70B MLP matrix done whole made ~29 bytes of them per weight).
 CHUNK = 1 << 22
+# Dequantizing to 16 bits on a CPU goes a cache-sized piece at a time: a piece's fp32 values stay in cache
+# between the lookup, the scaling and the cast, where a whole layer's went out to memory and back between
+# them (a QLoRA step rebuilds every weight twice). On a GPU, and compiled, whole layers: fewer launches.
+CPU_CAST_CHUNK = 1 << 16
 _on_device = {}
 
 
@@ -178,7 +182,8 @@ def nf4_absmax(state: dict) -> torch.Tensor:
 
 def dequantize_nf4(state: dict, dtype=None) -> torch.Tensor:
     """Inverse of quantize_nf4: level * absmax in fp32 (as bitsandbytes), then cast to dtype; a layer
-    larger than CHUNK weights goes chunk by chunk into the output, so no fp32 copy of it is ever whole."""
+    larger than CHUNK weights (CPU_CAST_CHUNK when a CPU casts) goes chunk by chunk into the output, so no
+    fp32 copy of it is ever whole."""
     n, block, dtype = math.prod(state["shape"]), state["block_size"], dtype or state["dtype"]
     packed, absmax = state["packed"], nf4_absmax(state)
     words = _pair_words(packed.device)
@@ -186,10 +191,13 @@ def dequantize_nf4(state: dict, dtype=None) -> torch.Tensor:
     def values(s, e):   # weights s..e (s a multiple of the chunk), fp32
         v = words.index_select(0, packed[s // 2:(e + 1) // 2].int()).view(torch.float32)[:e - s]
         return _scale_blocks(v, absmax[s // block:-(-e // block)], block)
-    if n <= CHUNK:
+    chunk = CHUNK
+    if packed.device.type == "cpu" and dtype != torch.float32 and not torch.compiler.is_compiling():
+        chunk = CPU_CAST_CHUNK
+    if n <= chunk:
         return values(0, n).view(state["shape"]).to(dtype)
     out = torch.empty(n, dtype=dtype, device=packed.device)
-    step = CHUNK // block * block
+    step = max(block, chunk // block * block)
     for s in range(0, n, step):
         out[s:min(n, s + step)] = values(s, min(n, s + step))
     return out.view(state["shape"])

@@ -4,7 +4,10 @@ NF4 speed against bitsandbytes' CPU backend (and torchao's NF4 if it is installe
     python bench/nf4.py                  # 1536 x 576 (a SmolLM2 MLP weight), 1024 tokens
     python bench/nf4.py --rows 4096 --cols 4096
 
-Prints milliseconds (median of repeats) and ratios; lower is better.
+Prints milliseconds (median of repeats) and ratios; lower is better. Then a pass as training makes one:
+every linear of the default model's 30 blocks (7 shapes each, 210 weights) dequantized to bf16 one after
+another, so that each starts with cold caches: ours, ours with nf4.CPU_CAST_CHUNK off (whole layers), and
+bitsandbytes, in alternation, mean of 6 passes each.
 """
 import argparse
 import statistics
@@ -12,9 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import allocator  # noqa: E402
+
+allocator.preload()   # the allocator train.py runs on (bitsandbytes runs on it too, in this process)
+import torch  # noqa: E402
 from nf4 import NF4Linear, dequantize_nf4, quantize_nf4  # noqa: E402
 
 
@@ -72,6 +77,41 @@ def main():
         print(f"  dequantize: ours / bitsandbytes = {d['dequantize'] / d['bitsandbytes dequantize']:.2f}x")
         print(f"  quantize:   ours / bitsandbytes = {d['quantize (double quant)'] / d['bitsandbytes quantize']:.2f}x")
     print(f"  NF4Linear / nn.Linear fwd+bwd = {t_q / t_lin:.2f}x (goal <= 1.3x)")
+    model_pass()
+
+
+def model_pass(rounds: int = 6):
+    import nf4
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
+    ws = [torch.randn(*s).bfloat16() for s in shapes]
+    states = [quantize_nf4(w) for w in ws]
+
+    def ours(chunk):
+        def run():
+            nf4.CPU_CAST_CHUNK, keep = chunk, nf4.CPU_CAST_CHUNK
+            for st in states:
+                dequantize_nf4(st, torch.bfloat16)
+            nf4.CPU_CAST_CHUNK = keep
+        return run
+    sides = {f"ours (pieces of {nf4.CPU_CAST_CHUNK})": ours(nf4.CPU_CAST_CHUNK), "ours, whole layers": ours(1 << 62)}
+    try:
+        import bitsandbytes.functional as F
+        theirs = [F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) for w in ws]
+        sides["bitsandbytes"] = lambda: [F.dequantize_4bit(p, qs) for p, qs in theirs]
+    except ImportError:
+        pass
+    total = dict.fromkeys(sides, 0.0)
+    for _ in range(rounds):
+        for name, run in sides.items():
+            t = time.perf_counter()
+            run()
+            total[name] += time.perf_counter() - t
+    print(f"\na pass over the default model's 210 block linears, dequantized to bf16 (mean of {rounds}, in alternation)")
+    for name, t in total.items():
+        print(f"  {name:36s} {t / rounds * 1e3:8.1f} ms")
+    first, *_ = total
+    print(f"  ours, whole layers / ours = {total['ours, whole layers'] / total[first]:.2f}x"
+          + (f"; ours / bitsandbytes = {total[first] / total['bitsandbytes']:.2f}x" if "bitsandbytes" in total else ""))
 
 
 if __name__ == "__main__":

@@ -208,19 +208,22 @@ def test_quantization_error_per_layer():
 
 @pytest.mark.parametrize("shape", [(130, 9), (4097,), (96, 200)])
 def test_chunked_quantize_and_dequantize_equal_whole(shape, monkeypatch):
-    """Blocks are independent: chunk by chunk gives the same bytes and values as the whole weight at once."""
+    """Blocks are independent: chunk by chunk gives the same bytes and values as the whole weight at once
+    (CHUNK: quantizing, and dequantizing in general; CPU_CAST_CHUNK: dequantizing to 16 bits on a CPU)."""
     import nf4
     w = torch.randn(shape) * 0.02
     whole = quantize_nf4(w)
-    monkeypatch.setattr(nf4, "CHUNK", 256)   # several chunks, a partial last block, an odd tail
+    small = lambda n: [monkeypatch.setattr(nf4, k, n) for k in ("CHUNK", "CPU_CAST_CHUNK")]
+    small(256)   # several chunks, a partial last block, an odd tail
     chunked = quantize_nf4(w)
     for k in ("packed", "absmax", "nested_absmax", "offset"):
         assert torch.equal(chunked[k], whole[k]), k
-    for dt in (torch.float32, torch.bfloat16):
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
         many = dequantize_nf4(chunked, dt)
-        monkeypatch.setattr(nf4, "CHUNK", 1 << 22)
+        small(1 << 40)
         assert torch.equal(many, dequantize_nf4(whole, dt))
-        monkeypatch.setattr(nf4, "CHUNK", 256)
+        assert torch.equal(many, dequantize_nf4(whole, torch.float32).to(dt))   # fp32 values, one rounding
+        small(256)
 
 
 def _peak_growth(code: str) -> float:
