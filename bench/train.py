@@ -122,7 +122,7 @@ say(peak=peak_memory(run.device), runtime_rss=None if cuda else runtime_bytes(mo
 '''
 
 PEER = r'''
-import json, os, statistics, sys, time
+import json, os, sys, time
 reply = os.fdopen(os.dup(1), "w")
 os.dup2(2, 1)
 say = lambda **kw: print(json.dumps(kw), file=reply, flush=True)
@@ -181,9 +181,12 @@ class Worker:
 
     def ask(self, line: str | None = None) -> dict:
         """Send a line (None: send nothing) and wait for the answer; a process that ended says why."""
-        if line is not None:
-            self.p.stdin.write(line + "\n")
-            self.p.stdin.flush()
+        try:
+            if line is not None:
+                self.p.stdin.write(line + "\n")
+                self.p.stdin.flush()
+        except BrokenPipeError:
+            pass   # it has ended: its stdout is at its end too, and its log says why
         answer = self.p.stdout.readline()
         if not answer:
             self.p.wait()
