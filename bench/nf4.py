@@ -82,8 +82,10 @@ def main():
 
 def model_pass(rounds: int = 6):
     import nf4
-    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
-    ws = [torch.randn(*s).bfloat16() for s in shapes]
+    from audit import linear_shapes
+    from formats import read_args
+    args = read_args("default")
+    ws = [torch.randn(o, i).bfloat16() for _ in range(args.n_layers) for i, o in linear_shapes(args).values()]
     states = [quantize_nf4(w) for w in ws]
 
     def ours(chunk):
@@ -106,7 +108,7 @@ def model_pass(rounds: int = 6):
             t = time.perf_counter()
             run()
             total[name] += time.perf_counter() - t
-    print(f"\na pass over the default model's 210 block linears, dequantized to bf16 (mean of {rounds}, in alternation)")
+    print(f"\na pass over the default model's {len(ws)} block linears, dequantized to bf16 (mean of {rounds}, in alternation)")
     for name, t in total.items():
         print(f"  {name:36s} {t / rounds * 1e3:8.1f} ms")
     first, *_ = total
