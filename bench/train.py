@@ -175,6 +175,9 @@ class Worker:
 
     def __init__(self, name: str, script: str, cfg: dict, logs: Path):
         self.name, self.steps, self.final = name, [], None
+        # Steps the medians leave out: the first (kernel caches, allocator warm-up); compiled, the first two
+        # (they compile: static shapes, then dynamic ones).
+        self.skip = 2 if cfg["compile"] else 1
         self.log = open(logs / f"{name.replace(' ', '_')}.log", "w+")
         self.p = subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -204,9 +207,9 @@ class Worker:
         self.p.wait()
         return self.final
 
-    def summary(self, flops: list, skip: int) -> dict:
-        """Medians over the steps after the first `skip` (the first: kernel caches and allocator warm-up;
-        compiled, the first two compile: static shapes, then dynamic ones)."""
+    def summary(self, flops: list) -> dict:
+        """Medians over the steps after the first `skip`; compile_s: what those took above the median."""
+        skip = self.skip
         dts, toks = [r["dt"] for r in self.steps], [r["tokens"] for r in self.steps]
         s_step = statistics.median(dts[skip:])
         return dict(s_step=s_step, compile_s=sum(dts[:skip]) - skip * s_step, loss=self.steps[0]["loss"],
@@ -226,9 +229,9 @@ def peer_does(action, k: str, workers: dict):
         workers.pop(k).p.kill()
 
 
-def paired(slow: Worker, fast: Worker, skip: int) -> float:
+def paired(slow: Worker, fast: Worker) -> float:
     """Median over the steps of slow's time / fast's: the same examples, run within seconds of each other."""
-    return statistics.median(a["dt"] / b["dt"] for a, b in list(zip(slow.steps, fast.steps))[skip:])
+    return statistics.median(a["dt"] / b["dt"] for a, b in list(zip(slow.steps, fast.steps))[max(slow.skip, fast.skip):])
 
 
 def estimate(mode: str, cfg: dict, final: dict, dtype: str) -> float:
@@ -285,7 +288,7 @@ def main():
                                                           device=a.device or "cpu", targets=TARGETS, dtype=dtype[mode],
                                                           compile=compiled, dora=a.dora, dropout=a.dropout), Path(tmp))
                 for k in [k for k in workers if k.startswith("peer")]:
-                    peer_does(lambda: workers[k].ask(), k, workers)
+                    peer_does(workers[k].ask, k, workers)
             names = list(workers)
             print(f"{len(names)} runs loaded ({', '.join(names)}); {a.steps} steps each, one run at a time in turn",
                   file=sys.stderr, flush=True)
@@ -306,7 +309,7 @@ def main():
                 if w.p.poll() is None:
                     w.p.kill()
     flops = step_flops(a, a.steps)
-    res = {k: w.summary(flops, 2 if k.endswith("compiled") else 1) for k, w in workers.items()}
+    res = {k: w.summary(flops) for k, w in workers.items()}
     peak = matmul_peak(dtype["lora"], a.device or "cpu")
     for mode in modes:
         r = res[mode]
@@ -319,7 +322,7 @@ def main():
     if a.compile:
         for mode in modes:
             c, k = res[key(mode, True)], key(mode, True)
-            print(f"ours {lab(mode):5s} compiled: {c['tok_s']:6.1f} real tok/s ({paired(workers[mode], workers[k], 2):.2f}x "
+            print(f"ours {lab(mode):5s} compiled: {c['tok_s']:6.1f} real tok/s ({paired(workers[mode], workers[k]):.2f}x "
                   f"eager), {c['s_step']:.2f} s/step, peak {c['peak'] / 2**30:.2f} GB; compiling took {c['compile_s']:.0f} s "
                   "(the first two steps above the median)", flush=True)
     for mode in modes:
@@ -329,10 +332,10 @@ def main():
                 continue
             r, c = res[k], " compiled" if compiled else ""
             print(f"peer {lab(mode):5s}{c}: {r['tok_s']:6.1f} real tok/s, {r['s_step']:.2f} s/step, peak {r['peak'] / 2**30:.2f} GB, "
-                  f"first loss {r['loss']:.4f} (ours{c}: {paired(workers[k], workers[ok], 1 + compiled):.2f}x speed, "
+                  f"first loss {r['loss']:.4f} (ours{c}: {paired(workers[k], workers[ok]):.2f}x speed, "
                   f"{res[ok]['peak'] / r['peak']:.2f}x memory)" + (f"; compiling took {r['compile_s']:.0f} s" if compiled else ""),
                   flush=True)
-    print(f"{'QDoRA / DoRA' if a.dora else 'QLoRA / LoRA'}: step time {paired(workers['qlora'], workers['lora'], 1):.2f}x "
+    print(f"{'QDoRA / DoRA' if a.dora else 'QLoRA / LoRA'}: step time {paired(workers['qlora'], workers['lora']):.2f}x "
           f"(goal <= 1.15), peak memory {res['qlora']['peak'] / res['lora']['peak']:.2f}x")
     print("(ratios: medians of the per-step ratios; each step's runs went one after another, within seconds)")
 
